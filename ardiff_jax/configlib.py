@@ -1,0 +1,142 @@
+"""Shared config pieces: `:k=v` argument parsing, the base config every method extends, mesh rules.
+
+Config files under `configs/` are Python modules with `get_config(arg: str | None)`. They start
+from `base_config()`, which holds every field the engine, the scripts and the tests rely on, so a
+field has one meaning everywhere. The CLI locks the config, so an override of a field that does not
+exist fails with a message naming the nearest valid field.
+"""
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import ml_collections
+
+# Logical axis name -> mesh axes. One table for every model (maxtext style): parameters and key
+# activations carry logical names, and this table alone decides how they are laid out on the mesh.
+# A dimension whose size the mesh axes do not divide is replicated instead (see parallel/sharding.py).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("norm", None),
+)
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses `k1=v1,k2=v2` (big_vision style) into a ConfigDict typed by `defaults`.
+
+  A bare `k` sets a boolean default to True. Values are converted to the type of their default,
+  so `size=32` is an int when the default is an int. Unknown keys are an error that lists the
+  valid ones.
+  """
+  out = ml_collections.ConfigDict(dict(defaults))
+  if not arg:
+    return out
+  for item in arg.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, sep, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(
+          f"unknown config argument {key!r}; valid arguments: {sorted(defaults)}")
+    default = defaults[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+      out[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key!r} must be true/false, got {value!r}")
+      out[key] = value.lower() in ("true", "1")
+    elif isinstance(default, str):
+      out[key] = value
+    else:
+      try:
+        out[key] = type(default)(ast.literal_eval(value))
+      except (ValueError, SyntaxError) as e:
+        raise ValueError(f"config argument {key}={value!r}: expected {type(default).__name__}") from e
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The fields everyone relies on (DESIGN.md, Contracts). Method configs fill in the rest."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.method = ""                       # key into ardiff_jax.methods.METHODS
+  c.nan_policy = "skip"               # "skip": drop the update and count it; "halt": also stop the run
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1000
+  c.train.batch_size = 64             # global, over all processes and devices
+  c.train.grad_accum_steps = 1        # micro-batches per step (lax.scan); batch_size must divide
+  c.train.log_every = 50
+  c.train.ckpt_every = 1000
+  c.train.keep_checkpoints = 3
+  c.train.sample_every = 0            # 0: no periodic sample grids during training
+  c.train.ema_decay = 0.9999
+  c.train.compute_dtype = "float32"   # "bfloat16" on accelerators; params stay float32
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4                   # peak learning rate (absolute; configs derive it from blr·B/256)
+  c.optim.warmup_steps = 0
+  c.optim.schedule = "constant"       # "constant" | "cosine" (after the linear warmup)
+  c.optim.min_lr = 0.0                # cosine floor
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip_norm = 0.0        # 0: no clipping
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "digits"            # digits | folder | tfds | cached
+  c.data.path = ""
+  c.data.tfds_name = ""
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
+  c.data.image_size = 32
+  c.data.random_flip = True
+  c.data.num_classes = 10
+  c.data.digits_test_fraction = 0.2
+  c.data.num_workers = 0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)           # sizes of ("data", "fsdp", "tensor"); -1 fills the rest
+  c.mesh.axes = ("data", "fsdp", "tensor")
+  c.mesh.rules = DEFAULT_RULES
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_samples = 64
+  c.sample.batch_size = 64
+  c.sample.cfg_scale = 1.0
+  c.sample.use_ema = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_samples = 1000
+  c.eval.source = "model"             # model | real_train
+
+  c.bench = ml_collections.ConfigDict()
+  c.bench.steps = 10
+  c.bench.warmup_steps = 2
+
+  c.aot = ml_collections.ConfigDict()
+  c.aot.topology = ""
+
+  c.cache = ml_collections.ConfigDict()
+  c.cache.dir = ""                    # "" -> <workdir>/cache; train on it with data.source=cached
+  c.cache.batch_size = 64
+  c.cache.splits = ("train", "test")
+  c.cache.use_ema = True
+  return c
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+  """Plain JSON-able dict of a config (tuples become lists)."""
+  return config.to_dict()

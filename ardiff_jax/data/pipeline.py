@@ -1,0 +1,234 @@
+"""grain input pipelines: `make_dataset(data_cfg, ...)` -> per-process batches.
+
+Layout of one pipeline (B = per-process batch, S = image side):
+
+  MapDataset.source(source)                   global, random access
+    [train] .shuffle(seed).repeat()           new permutation each epoch (grain seeds epoch e with seed+e)
+    .map_with_index(decode [+ flip])          uses the GLOBAL stream index -> independent of process count
+    [p::P]                                    process p takes global positions p, p+P, p+2P, ...
+  .to_iter_dataset()                          threads decode ahead, order preserved
+    [num_workers>0] .mp_prefetch()            worker processes decode; grain interleaves them round robin,
+                                              which restores the in-process element order
+    .filter(drop_unreadable)                  main process: counts corrupt images, warns once
+    .batch(B, drop_remainder=train)           main process, so batches do not depend on num_workers
+    .map(finalize)                            uint8 -> float32 [-1, 1], labels -> int32
+
+Decoding in workers but batching in the main process moves single examples
+between processes (uint8 images, 4x smaller than float) and keeps the element
+order, the skip count and the warning exact for any `num_workers`.
+With P processes at global batch P*B, the union of the P local step-k batches is
+the single-process step-k batch (as a set), as long as no image is skipped.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import threading
+from typing import Any
+
+import grain
+import numpy as np
+
+from ardiff_jax.data import sources
+from ardiff_jax.data import transforms
+
+_LOG = logging.getLogger(__name__)
+SOURCES = ("digits", "folder", "tfds", "cached")
+# Marker key of an element whose image could not be decoded; its value names it.
+_UNREADABLE = "_unreadable"
+# Salt separating the flip stream from any other use of (seed, index).
+_FLIP_SALT = 0x5F11B
+
+
+# ------------------------------------------------------ skipped-image count
+class _SkipCounter:
+  """Process-local count of unreadable images, plus the warn-once flag."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self.count = 0
+    self.warned = False
+
+  def record(self, name: str, error: str) -> None:
+    with self._lock:
+      self.count += 1
+      first = not self.warned
+      self.warned = True
+    if first:
+      _LOG.warning("Skipping unreadable image '%s' (%s). Later unreadable images are skipped "
+                   "silently and counted in num_skipped_images().", name, error)
+
+  def reset(self) -> None:
+    with self._lock:
+      self.count, self.warned = 0, False
+
+
+_SKIPPED = _SkipCounter()
+
+
+def num_skipped_images() -> int:
+  """Unreadable images dropped so far by pipelines in this process."""
+  return _SKIPPED.count
+
+
+def reset_skipped_images() -> None:
+  """Zeroes the skip count and re-arms the one-time warning (tests, new runs)."""
+  _SKIPPED.reset()
+
+
+def _keep_readable(element: dict[str, Any]) -> bool:
+  """grain filter: False (drop) for unreadable-image markers, which are counted."""
+  if _UNREADABLE in element:
+    _SKIPPED.record(element[_UNREADABLE], element["error"])
+    return False
+  return True
+
+
+# ------------------------------------------------------------- per-element
+def flip_coin(seed: int, index: int) -> bool:
+  """Deterministic fair coin for global stream position `index` under `seed`."""
+  return bool(np.random.default_rng([_FLIP_SALT, seed % 2**32, index]).random() < 0.5)
+
+
+def _decode_image(index: int, record: dict[str, Any], *, image_size: int,
+                  flip_seed: int | None) -> dict[str, Any]:
+  """Record -> {"image": uint8 [S, S, 3], "label": int}, or an unreadable marker.
+
+  `flip_seed=None` disables flipping; otherwise the flip depends on (seed, index).
+  """
+  try:
+    image = sources.decode_image_record(record, image_size)
+  except transforms.IMAGE_DECODE_ERRORS as error:  # corrupt files must never crash a run
+    return {_UNREADABLE: sources.record_name(record), "error": f"{type(error).__name__}: {error}"}
+  if flip_seed is not None and flip_coin(flip_seed, index):
+    image = transforms.hflip(image)
+  return {"image": image, "label": record["label"]}
+
+
+def _select_moments(index: int, record: dict[str, Any], *, flip_seed: int | None) -> dict[str, Any]:
+  """Cached record -> {"moments": f32 [h, w, 2C], "label"}: the flip variant with p = 0.5."""
+  use_flip = flip_seed is not None and flip_coin(flip_seed, index)
+  return {"moments": record["moments_flip" if use_flip else "moments"], "label": record["label"]}
+
+
+def _finalize_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Stacked batch -> contract dtypes: image f32 [b, S, S, 3] in [-1, 1], label int32 [b]."""
+  out = {"label": np.asarray(batch["label"], dtype=np.int32)}
+  if "image" in batch:
+    out["image"] = transforms.to_unit_range(batch["image"])
+  else:
+    out["moments"] = np.asarray(batch["moments"], dtype=np.float32)
+  return out
+
+
+# ----------------------------------------------------------------- sources
+def _check_source(data_cfg) -> str:
+  if data_cfg.source not in SOURCES:
+    raise ValueError(f"data.source must be one of {SOURCES}, got {data_cfg.source!r}.")
+  return data_cfg.source
+
+
+def class_names(data_cfg) -> list[str]:
+  """Label names, index = label id (folder: sorted subfolders of the train split)."""
+  source = _check_source(data_cfg)
+  if source == "digits":
+    return [str(d) for d in range(sources.DIGITS_NUM_CLASSES)]
+  if source == "folder":
+    split = data_cfg.train_split
+    if not os.path.isdir(os.path.join(data_cfg.path, split)):
+      split = data_cfg.eval_split  # eval-only folders (e.g. FID reference sets)
+    return sources.folder_class_names(data_cfg.path, split)
+  if source == "tfds":
+    return sources.tfds_class_names(data_cfg.tfds_name, data_cfg.path)
+  return [str(i) for i in range(data_cfg.num_classes)]  # cached: ids only
+
+
+def make_source(data_cfg, split: str, seed: int):
+  """The random-access source of `split` (seed only matters for the digits split)."""
+  source = _check_source(data_cfg)
+  if source == "digits":
+    return sources.DigitsSource(split, image_size=data_cfg.image_size, seed=seed,
+                                test_fraction=data_cfg.digits_test_fraction)
+  if source == "folder":
+    # Train-split class names make label ids agree between train and eval splits;
+    # without a train split (eval-only folders) the split's own subfolders are used.
+    has_train = os.path.isdir(os.path.join(data_cfg.path, data_cfg.train_split))
+    names = sources.folder_class_names(data_cfg.path, data_cfg.train_split) if has_train else None
+    return sources.FolderSource(data_cfg.path, split, names)
+  if source == "tfds":
+    return sources.TfdsSource(data_cfg.tfds_name, split, data_cfg.path)
+  return sources.CachedSource(data_cfg.path, split)
+
+
+def num_examples(data_cfg, split: str) -> int:
+  """Examples in `split` (folder: a directory listing; others: metadata/index only)."""
+  if _check_source(data_cfg) == "digits":
+    # Split sizes do not depend on the seed, only on the fraction.
+    return len(sources.digits_split_indices(split, seed=0, test_fraction=data_cfg.digits_test_fraction))
+  return len(make_source(data_cfg, split, seed=0))
+
+
+# ---------------------------------------------------------------- pipeline
+def _read_options(batch_size: int, num_workers: int) -> grain.ReadOptions:
+  """Decode threads per reading process: share the cores among workers; two batches ahead."""
+  cores = os.cpu_count() or 1
+  threads = max(1, min(16, cores // max(1, num_workers)))
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * batch_size, 16))
+
+
+def _global_map_dataset(data_cfg, source, *, seed: int, train: bool) -> grain.MapDataset:
+  """Global (all-process) stream: shuffled+repeated in training, decoded by global index."""
+  ds = grain.MapDataset.source(source)
+  if train:
+    # shuffle before repeat: the repeat passes the global index through, and the
+    # shuffle seeds epoch e with seed+e, so every epoch gets a new permutation.
+    ds = ds.shuffle(seed=seed % 2**32).repeat()
+  flip_seed = seed if (train and data_cfg.random_flip) else None
+  if data_cfg.source == "cached":
+    decode = functools.partial(_select_moments, flip_seed=flip_seed)
+  else:
+    decode = functools.partial(_decode_image, image_size=data_cfg.image_size, flip_seed=flip_seed)
+  return ds.map_with_index(decode)
+
+
+def _ensure_flags_parsed() -> None:
+  """Marks absl flags parsed if nothing has parsed them yet.
+
+  grain's worker processes read absl flags; outside `app.run` (notebooks, tests)
+  they are unparsed and grain fails. A later `app.run` still parses argv.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def make_dataset(data_cfg, *, split: str, seed: int, batch_size: int, train: bool,
+                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Per-process batches of `split` as a grain IterDataset (iterators checkpointable).
+
+  Yields {"image": f32 [B, S, S, 3] in [-1, 1], "label": int32 [B]} for image sources,
+  {"moments": f32 [B, h, w, 2C], "label": int32 [B]} for the cached source.
+  `batch_size` B is per process. train=True: seeded shuffle, infinite repeat,
+  random flip (if data_cfg.random_flip), full batches only. train=False: dataset
+  order, one pass, no flip, last batch may be short. Unreadable images are dropped
+  and counted (`num_skipped_images()`).
+  """
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+  source = make_source(data_cfg, split, seed)
+  ds = _global_map_dataset(data_cfg, source, seed=seed, train=train)
+  ds = ds[process_index::process_count]
+  num_workers = int(data_cfg.num_workers)
+  stream = ds.to_iter_dataset(_read_options(batch_size, num_workers))
+  if num_workers > 0:
+    _ensure_flags_parsed()
+    # Each worker's queue holds its share of two batches, so workers never idle on a full queue.
+    per_worker = 2 * math.ceil(batch_size / num_workers)
+    stream = stream.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=per_worker))
+  stream = stream.filter(_keep_readable)
+  return stream.batch(batch_size, drop_remainder=train).map(_finalize_batch)

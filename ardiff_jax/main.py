@@ -1,0 +1,59 @@
+"""Entry point: `python -m ardiff_jax.main --config configs/NAME.py[:k=v] --workdir DIR --mode MODE`.
+
+Kept thin on purpose (flax examples): flags, the distributed runtime, dispatch. Everything else is
+a library function that a notebook or a test can call directly.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+MODES = ("train", "sample", "eval", "bench", "aot", "cache", "convert")
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file, with optional :k=v args.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples.")
+flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run(config, workdir: str, mode: str):
+  """Dispatches one mode; returns what the mode returns (handy in notebooks and tests)."""
+  if mode == "train":
+    from ardiff_jax.train.loop import train_and_evaluate
+    return train_and_evaluate(config, workdir)
+  if mode == "sample":
+    from ardiff_jax.sampling.run import sample_and_save
+    return sample_and_save(config, workdir)
+  if mode == "cache":
+    from ardiff_jax.data.cache import cache_latents
+    return cache_latents(config, workdir)
+  if mode == "bench":
+    from ardiff_jax.train.bench import run_bench
+    return run_bench(config, workdir)
+  raise NotImplementedError(
+      f"--mode {mode} is not available yet in this version of ardiff_jax; "
+      "available: train, sample, cache, bench")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax  # after flags, so XLA_FLAGS set by the caller apply
+  from ardiff_jax.parallel.mesh import maybe_initialize_distributed
+  jax.config.update("jax_threefry_partitionable", True)
+  maybe_initialize_distributed()
+  logging.info("JAX %s: %d devices (%s), process %d/%d", jax.__version__, jax.device_count(),
+               jax.devices()[0].device_kind, jax.process_index(), jax.process_count())
+  run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+
+
+if __name__ == "__main__":
+  logging.use_absl_handler()
+  sys.exit(app.run(main))

@@ -1,0 +1,61 @@
+"""The method registry: what the method-agnostic engine needs from each training objective.
+
+A method is one module (`methods/<name>.py`, or `tokenizers/train.py` for tokenizers) with a
+`make_method(config) -> Method` factory. The engine (train/loop.py), the sampling, caching and
+bench modes only ever talk to a `Method`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One training objective bound to its model and config.
+
+  Attributes:
+    name: registry key.
+    model: the flax module (or tuple of modules) the objective trains.
+    init_params: rng -> params tree, leaves boxed with logical axis names.
+    loss_fn: (params, batch, rng, step, extras) -> (loss, metrics dict, new extras). Pure, jit-able;
+      `extras` is the method-owned part of the train state (empty dict if none).
+    batch_keys: the keys of a data batch the loss reads, e.g. ("image", "label").
+    decay_mask: params -> bool tree, True where AdamW weight decay applies.
+    init_extras: rng -> dict of method-owned state (EMA teacher, queues...), saved with checkpoints.
+    visualize: (params, batch, rng) -> dict with `images` uint8 [N,H,W,C], `labels` int [N],
+      `grid_columns` int and optional scalar metrics: what `--mode sample` writes.
+    encode: (params, images [B,H,W,C] in [-1,1]) -> moments/codes: what `--mode cache` stores
+      (tokenizers only).
+  """
+  name: str
+  model: Any
+  init_params: Callable[[jax.Array], PyTree]
+  loss_fn: Callable[..., tuple[jax.Array, dict, dict]]
+  batch_keys: tuple[str, ...]
+  decay_mask: Callable[[PyTree], PyTree] | None = None
+  init_extras: Callable[[jax.Array], dict] = lambda rng: {}
+  visualize: Callable[..., dict] | None = None
+  encode: Callable[..., jax.Array] | None = None
+
+
+def _kl_tokenizer(config):
+  from ardiff_jax.tokenizers import train  # pylint: disable=g-import-not-at-top
+  return train.make_method(config)
+
+
+METHODS: dict[str, Callable[[ml_collections.ConfigDict], Method]] = {
+    "kl_tokenizer": _kl_tokenizer,
+}
+
+
+def get_method(config: ml_collections.ConfigDict) -> Method:
+  if config.method not in METHODS:
+    raise ValueError(f"config.method={config.method!r} is not a known method; "
+                     f"choose one of {sorted(METHODS)}")
+  return METHODS[config.method](config)

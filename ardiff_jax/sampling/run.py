@@ -1,0 +1,68 @@
+"""`--mode sample`: restore a run and write `samples/grid_<step>.png` and `samples_<step>.npz`.
+
+What a sample is belongs to the method (`Method.visualize`): reconstructions next to held-out
+originals for a tokenizer, class-conditional generations for a generator.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from ardiff_jax.data import pipeline
+from ardiff_jax.evals import grids
+from ardiff_jax.parallel import sharding as shd
+from ardiff_jax.train import checkpoint
+from ardiff_jax.train.loop import build_experiment
+
+
+def restore_params(config: ml_collections.ConfigDict, workdir: str, use_ema: bool):
+  """(experiment, params, step) of the newest checkpoint; the EMA weights when `use_ema`."""
+  exp = build_experiment(config)
+  manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, async_save=False)
+  state, step = checkpoint.restore(manager, exp.abstract_state)
+  return exp, (state.ema_params if use_ema else state.params), step
+
+
+def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  exp, params, step = restore_params(config, workdir, config.sample.use_ema)
+  visualize = jax.jit(exp.method.visualize)
+  ds = pipeline.make_dataset(config.data, split=config.data.eval_split, seed=config.seed,
+                             batch_size=config.sample.batch_size, train=False)
+  outs, n = [], 0
+  rng = jax.random.key(config.seed)
+  with tqdm(total=config.sample.num_samples, desc="sample", unit="img") as bar:
+    for i, batch in enumerate(ds):
+      if n >= config.sample.num_samples:
+        break
+      batch = {k: np.asarray(v)[: config.sample.num_samples - n] for k, v in batch.items()}
+      out = jax.device_get(visualize(params, batch, jax.random.fold_in(rng, i)))
+      outs.append(out)
+      n += len(batch["label"])
+      bar.update(len(batch["label"]))
+  if not outs:
+    raise ValueError(f"the {config.data.eval_split!r} split of data.source={config.data.source!r} "
+                     "yielded no examples to sample from")
+  images = np.concatenate([o["images"] for o in outs])
+  labels = np.concatenate([o["labels"] for o in outs])
+  sdir = os.path.join(workdir, "samples")
+  os.makedirs(sdir, exist_ok=True)
+  grid_path = os.path.join(sdir, f"grid_{step}.png")
+  upscale = max(1, 128 // images.shape[1])
+  grids.save_grid(images, grid_path, columns=int(outs[0]["grid_columns"]), upscale=min(upscale, 4))
+  np.savez(os.path.join(sdir, f"samples_{step}.npz"), images=images, labels=labels)
+  summary = {"step": step, "num_images": int(len(images)), "grid": grid_path,
+             "num_params": shd.count_params(params)}
+  for key in outs[0]:
+    if key not in ("images", "labels", "grid_columns"):
+      summary[key] = float(np.mean(np.concatenate([np.atleast_1d(o[key]) for o in outs])))
+  with open(os.path.join(sdir, f"summary_{step}.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  logging.info("wrote %s (%s)", grid_path, {k: v for k, v in summary.items() if k != "grid"})
+  print(json.dumps(summary, indent=2))
+  return summary

@@ -1,0 +1,112 @@
+"""Training objective of the KL tokenizer (LDM AutoencoderKL), as a `Method` for the engine.
+
+Loss (LDM `LPIPSWithDiscriminator`, without the LPIPS term, whose VGG weights are not bundled):
+  L = mean_B[ rec/exp(s) + s·HWC ] + w_kl · mean_B[ KL(q(z|x) ‖ N(0, I)) ]
+      + 1[step ≥ disc_start] · ( w_d · L_G^hinge + L_D^hinge )
+with rec the per-image sum of |x − x̂| (or squared error), s a learned scalar log-variance, and the
+posterior *sampled* for the reconstruction. The discriminator and the autoencoder share one
+optimizer update: the generator term sees the discriminator through stop-gradient and the
+discriminator term sees the reconstruction through stop-gradient, so each part receives only its
+own gradient (Adam is per-parameter, so this equals two optimizers up to the joint clipping norm).
+LDM scales the adversarial term by an adaptive weight ‖∇L_rec‖/‖∇L_G‖ at the decoder's last
+layer; we use the fixed `tokenizer.disc_weight` instead and say so here.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ardiff_jax.methods import Method
+from ardiff_jax.tokenizers import kl as kl_lib
+from ardiff_jax.tokenizers import losses
+
+
+def build_autoencoder(tcfg: ml_collections.ConfigDict, compute_dtype: str) -> kl_lib.AutoencoderKL:
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in tcfg.overrides.to_dict().items()}
+  return kl_lib.make_autoencoder(tcfg.preset, dtype=jnp.dtype(compute_dtype), **overrides)
+
+
+def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
+  """PSNR in dB per image for images in [-1, 1] (peak-to-peak 2). [B,H,W,C] x2 -> [B]."""
+  mse = jnp.mean(jnp.square(jnp.clip(x, -1, 1) - jnp.clip(y, -1, 1)), axis=(1, 2, 3))
+  return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
+
+
+def to_uint8(x: jax.Array) -> jax.Array:
+  """[-1, 1] float -> uint8 [0, 255]."""
+  return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def make_method(config: ml_collections.ConfigDict) -> Method:
+  tcfg = config.tokenizer
+  ae = build_autoencoder(tcfg, config.train.compute_dtype)
+  disc = losses.PatchDiscriminator(ndf=tcfg.disc_ndf, n_layers=tcfg.disc_layers) if tcfg.disc_enabled else None
+  size = config.data.image_size
+
+  def init_params(rng):
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    r_ae, r_sample, r_disc = jax.random.split(rng, 3)
+    params = {"ae": ae.init(r_ae, x, r_sample)["params"],
+              "logvar": jnp.full((), tcfg.logvar_init, jnp.float32)}
+    if disc is not None:
+      params["disc"] = disc.init(r_disc, x)["params"]
+    return params
+
+  def loss_fn(params, batch, rng, step, extras):
+    x = batch["image"].astype(jnp.float32)
+    x_rec, moments = ae.apply({"params": params["ae"]}, x, rng)
+    x_rec = x_rec.astype(jnp.float32)
+    rec = losses.reconstruction_loss(x, x_rec, tcfg.rec_loss)               # [B]
+    nll = losses.nll_loss(rec, params["logvar"], num_elements=int(np.prod(x.shape[1:])))  # [B]
+    kl = kl_lib.kl_to_standard_normal(moments)                              # [B]
+    loss = jnp.mean(nll) + tcfg.kl_weight * jnp.mean(kl)
+    metrics = {"rec_loss": jnp.mean(rec) / np.prod(x.shape[1:]), "kl": jnp.mean(kl),
+               "logvar": params["logvar"], "psnr": jnp.mean(psnr(x, x_rec))}
+    if disc is not None:
+      on = (step >= tcfg.disc_start).astype(jnp.float32)
+      frozen_d = jax.lax.stop_gradient(params["disc"])
+      g_loss = losses.generator_hinge_loss(disc.apply({"params": frozen_d}, x_rec))
+      d_loss = losses.hinge_d_loss(disc.apply({"params": params["disc"]}, x),
+                                   disc.apply({"params": params["disc"]}, jax.lax.stop_gradient(x_rec)))
+      loss = loss + on * (tcfg.disc_weight * g_loss + d_loss)
+      metrics.update(g_loss=g_loss, d_loss=d_loss)
+    return loss, metrics, extras
+
+  def encode(params, images):
+    return ae.apply({"params": params["ae"]}, images, method=ae.encode)
+
+  def visualize(params, batch, rng):
+    """Originals next to their reconstructions (posterior mode), 8 pairs per grid row."""
+    del rng
+    x = batch["image"].astype(jnp.float32)
+    moments = encode(params, x)
+    x_rec = ae.apply({"params": params["ae"]}, kl_lib.posterior_mode(moments), method=ae.decode)
+    x_rec = jnp.clip(x_rec.astype(jnp.float32), -1, 1)
+    pairs = jnp.stack([x, x_rec], axis=1).reshape((-1,) + x.shape[1:])
+    labels = jnp.repeat(batch["label"], 2)
+    return {"images": to_uint8(pairs), "labels": labels, "grid_columns": 16,
+            "psnr": psnr(x, x_rec)}
+
+  return Method(name="kl_tokenizer", model=ae, init_params=init_params, loss_fn=loss_fn,
+                batch_keys=("image",), visualize=visualize, encode=encode)
+
+
+def tokenizer_config(preset: str = "kl_tiny") -> ml_collections.ConfigDict:
+  """Defaults of the `tokenizer` config section (LDM kl-f16 loss settings unless noted)."""
+  t = ml_collections.ConfigDict()
+  t.preset = preset
+  t.overrides = ml_collections.ConfigDict()   # AutoencoderKL fields to change in the preset
+  t.rec_loss = "l1"
+  t.kl_weight = 1e-6
+  t.logvar_init = 0.0
+  t.disc_enabled = False
+  t.disc_start = 50001
+  t.disc_weight = 0.5
+  t.disc_ndf = 64
+  t.disc_layers = 3
+  t.latent_scale = 1.0                       # 0.2325 for KL-16 (MAR); consumers multiply tokens by it
+  return t

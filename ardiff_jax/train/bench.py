@@ -1,0 +1,114 @@
+"""`--mode bench`: train-step and sampling throughput, compile time and MFU, as `bench.json`.
+
+The train step is the real jitted, sharded step on one real data batch (reused, so the input
+pipeline is not measured). FLOPs come from XLA's cost analysis of the compiled step; MFU divides
+achieved FLOP/s by the device's peak dense bf16 FLOP/s where that peak is known, else it is null.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from ardiff_jax.parallel import sharding as shd
+from ardiff_jax.train.loop import build_experiment, train_data_iter
+from ardiff_jax.train.state import init_state, jit_train_step
+
+# Peak dense bf16 FLOP/s per device, from the vendors' data sheets.
+PEAK_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12,
+}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  kind = device.device_kind
+  for name, peak in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return peak
+  return None
+
+
+def _flops(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _time(fn, steps: int) -> float:
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / steps
+
+
+def run_bench(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  exp = build_experiment(config)
+  state = init_state(config.seed, exp.method, exp.tx, exp.shardings)
+  local = next(train_data_iter(config))
+  batch = shd.global_batch({k: local[k] for k in exp.method.batch_keys}, exp.mesh)
+  step_fn = jit_train_step(exp.method, exp.tx, exp.schedule, config, exp.mesh, exp.shardings)
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  compile_time = time.perf_counter() - t0
+  flops = _flops(compiled)
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], m = compiled(holder["state"], batch)
+    return m
+
+  _time(one_step, config.bench.warmup_steps)
+  step_time = _time(one_step, config.bench.steps)
+  result = {
+      "method": config.method,
+      "num_params": shd.count_params(state.params),
+      "device": f"{jax.device_count()}x {jax.devices()[0].device_kind} ({jax.default_backend()})",
+      "mesh": dict(exp.mesh.shape),
+      "global_batch_size": config.train.batch_size,
+      "compute_dtype": config.train.compute_dtype,
+      "compile_time_s": compile_time,
+      "step_time_s": step_time,
+      "train_img_per_s": config.train.batch_size / step_time,
+      "flops_per_step": flops,
+      "mfu": None,
+      "sample_img_per_s": None,
+  }
+  peak = peak_flops(jax.devices()[0])
+  if flops and peak:
+    # cost_analysis reports the per-device program's FLOPs.
+    result["mfu"] = flops / step_time / peak
+  if exp.method.visualize is not None:
+    result.update(_bench_sampling(exp, holder["state"].ema_params, local, config))
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "bench.json"), "w") as f:
+      json.dump(result, f, indent=2)
+  logging.info("bench: %s", result)
+  print(json.dumps(result, indent=2))
+  return result
+
+
+def _bench_sampling(exp, params, local_batch, config) -> dict:
+  """Throughput of the method's sampler (`visualize`) at `sample.batch_size`."""
+  n = config.sample.batch_size
+  reps = -(-n // len(local_batch["label"]))
+  batch = {k: np.concatenate([v] * reps)[:n] for k, v in local_batch.items()}
+  fn = jax.jit(exp.method.visualize)
+  rng = jax.random.key(0)
+  t0 = time.perf_counter()
+  compiled = fn.lower(params, batch, rng).compile()
+  compile_time = time.perf_counter() - t0
+  jax.block_until_ready(compiled(params, batch, rng))
+  t = _time(lambda: compiled(params, batch, rng), max(1, config.bench.steps // 2))
+  return {"sample_img_per_s": n / t, "sample_batch_size": n, "sample_compile_time_s": compile_time}

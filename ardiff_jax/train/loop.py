@@ -1,0 +1,178 @@
+"""`train_and_evaluate(config, workdir)`: the method-agnostic training loop.
+
+Everything a mode needs (mesh, method, optimizer, abstract state and shardings) is built by
+`build_experiment`, which the sample, cache and bench modes reuse.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh
+
+from ardiff_jax import configlib
+from ardiff_jax.data import pipeline
+from ardiff_jax.methods import Method, get_method
+from ardiff_jax.parallel import mesh as mesh_lib
+from ardiff_jax.parallel import sharding as shd
+from ardiff_jax.train import checkpoint, metrics as metrics_lib, optim
+from ardiff_jax.train.state import TrainState, init_state, jit_train_step, state_shardings
+
+
+class NonFiniteError(RuntimeError):
+  """Raised under nan_policy='halt' when a step produced a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: ml_collections.ConfigDict
+  mesh: Mesh
+  method: Method
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  abstract_state: TrainState
+  shardings: TrainState
+
+  @property
+  def rules(self):
+    return tuple(tuple(r) for r in self.config.mesh.rules)
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+  """Checks that fail early with a message naming the field and a fix."""
+  if config.nan_policy not in ("skip", "halt"):
+    raise ValueError(f"nan_policy={config.nan_policy!r}: expected 'skip' or 'halt'")
+  b, pc = config.train.batch_size, jax.process_count()
+  data_par = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+  if b % pc or b % data_par:
+    raise ValueError(
+        f"train.batch_size={b} must be divisible by the process count ({pc}) and by the "
+        f"data-parallel mesh size data×fsdp={data_par}; choose a multiple of {np.lcm(pc, data_par)}")
+  accum = config.train.grad_accum_steps
+  if accum < 1 or b % accum or (b // accum) % data_par:
+    raise ValueError(
+        f"train.grad_accum_steps={accum}: batch_size/grad_accum_steps must be a whole multiple "
+        f"of data×fsdp={data_par}")
+
+
+def build_experiment(config: ml_collections.ConfigDict, devices=None) -> Experiment:
+  mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axes, devices)
+  validate_config(config, mesh)
+  method = get_method(config)
+  decay_mask = method.decay_mask or optim.default_decay_mask
+  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps, decay_mask)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  abstract, shardings = state_shardings(method, tx, mesh, rules)
+  return Experiment(config, mesh, method, tx, schedule, abstract, shardings)
+
+
+def train_data_iter(config: ml_collections.ConfigDict):
+  """This process's share of the training stream (per-process batch = global / processes)."""
+  ds = pipeline.make_dataset(
+      config.data, split=config.data.train_split, seed=config.seed,
+      batch_size=config.train.batch_size // jax.process_count(), train=True,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  return iter(ds)
+
+
+def restore_or_init(exp: Experiment, manager, data_iter=None) -> tuple[TrainState, int]:
+  if manager.latest_step() is not None:
+    return checkpoint.restore(manager, exp.abstract_state, data_iter)
+  return init_state(exp.config.seed, exp.method, exp.tx, exp.shardings), 0
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(configlib.to_dict(config), f, indent=2, default=str)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks, so it can save and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. inside a notebook worker)
+      self._old = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and exiting")
+    self.requested = True
+
+  def restore(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains `config.method` for `train.num_steps`, resuming from the newest checkpoint."""
+  exp = build_experiment(config)
+  write_config(config, workdir)
+  manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
+  data_iter = train_data_iter(config)
+  state, start = restore_or_init(exp, manager, data_iter)
+  if start:
+    logging.info("resuming at step %d", start)
+  step_fn = jit_train_step(exp.method, exp.tx, exp.schedule, config, exp.mesh, exp.shardings)
+  writer = metrics_lib.MetricWriter(workdir)
+  num_params = shd.count_params(state.params)
+  logging.info("%s: %s parameters, mesh %s", config.method, f"{num_params:,}", dict(exp.mesh.shape))
+  preempt = _Preemption()
+  cfg_dict = configlib.to_dict(config)
+  num_steps, log_every = config.train.num_steps, max(1, config.train.log_every)
+  last_log_time, last_log_step = time.time(), start
+  progress = _progress(start, num_steps)
+  try:
+    for step in range(start, num_steps):
+      local = next(data_iter)
+      batch = shd.global_batch({k: local[k] for k in exp.method.batch_keys}, exp.mesh)
+      state, metrics = step_fn(state, batch)
+      done = step + 1
+      halt = config.nan_policy == "halt" and int(metrics["nonfinite"])
+      if done % log_every == 0 or done == num_steps or halt:
+        host = jax.device_get(metrics)
+        now = time.time()
+        host["img_per_s"] = (done - last_log_step) * config.train.batch_size / max(now - last_log_time, 1e-9)
+        host["skipped_images"] = pipeline.num_skipped_images()
+        row = writer.write(done, host)
+        progress.set_postfix(loss=f"{row['loss']:.4g}" if isinstance(row["loss"], float) else row["loss"])
+        last_log_time, last_log_step = time.time(), done
+      progress.update(1)
+      if halt:
+        checkpoint.save(manager, done, state, data_iter, cfg_dict, force=True)
+        manager.wait_until_finished()
+        raise NonFiniteError(
+            f"step {step}: non-finite loss or gradient (nan_policy='halt'); the update was not "
+            f"applied and the state was saved at step {done}. Lower optim.lr, check the data, or "
+            "set --config.nan_policy=skip to skip such steps.")
+      if done % config.train.ckpt_every == 0 or done == num_steps or preempt.requested:
+        checkpoint.save(manager, done, state, data_iter, cfg_dict, force=preempt.requested)
+      if preempt.requested:
+        logging.warning("stopped at step %d after SIGTERM; rerun the same command to resume", done)
+        break
+  finally:
+    progress.close()
+    manager.wait_until_finished()
+    writer.close()
+    preempt.restore()
+  return state
+
+
+def _progress(start: int, total: int):
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr,
+              disable=jax.process_index() != 0, mininterval=2.0, dynamic_ncols=True)

@@ -1,0 +1,49 @@
+"""Optimizer and learning-rate schedule from the config's `optim` section.
+
+AdamW with a weight-decay mask (the method decides which parameters decay: MAR decays neither
+biases, norms nor the diffusion head), linear warmup followed by a constant or cosine schedule,
+and global-norm clipping. The gradient norm itself is logged by the train step, before clipping.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `cfg.lr` over `cfg.warmup_steps`, then constant or cosine decay."""
+  warmup = int(cfg.warmup_steps)
+  if cfg.schedule == "constant":
+    after = optax.constant_schedule(cfg.lr)
+  elif cfg.schedule == "cosine":
+    after = optax.cosine_decay_schedule(cfg.lr, max(num_steps - warmup, 1),
+                                        alpha=cfg.min_lr / cfg.lr if cfg.lr else 0.0)
+  else:
+    raise ValueError(f"optim.schedule={cfg.schedule!r}: expected 'constant' or 'cosine'")
+  if warmup <= 0:
+    return after
+  # MAR updates the lr per iteration with lr·step/warmup from step 0; the first update uses lr/warmup
+  # rather than 0 so that step 0 is not wasted.
+  ramp = lambda step: cfg.lr * jnp.minimum(step + 1, warmup) / warmup
+  return optax.join_schedules([ramp, after], [warmup])
+
+
+def default_decay_mask(params: Any) -> Any:
+  """Decay every parameter with 2 or more dimensions (kernels, embeddings); not biases or norms."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int,
+                   decay_mask: Callable[[Any], Any] = default_decay_mask
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = make_schedule(cfg, num_steps)
+  parts = []
+  if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+  parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=decay_mask))
+  return optax.chain(*parts), schedule

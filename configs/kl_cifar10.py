@@ -1,0 +1,33 @@
+"""KL tokenizer on CIFAR-10 (32 px) from an image folder.
+
+Point `data.path` at the folder holding `train/<class>/*.jpg` and `test/<class>/*.jpg`, e.g. after
+`mkdir -p data && tar xzf cifar10-jpg.tar.gz -C data`: `--config.data.path=data/cifar10`.
+kl_small: stride 4, 32×32 -> 8×8×8 latents (tokens for MAR/AR on CIFAR-10).
+"""
+from ardiff_jax import configlib
+from ardiff_jax.tokenizers.train import tokenizer_config
+
+
+def get_config(arg=None):
+  a = configlib.parse_arg(arg, steps=20000, batch=128, path="data/cifar10")
+  c = configlib.base_config()
+  c.method = "kl_tokenizer"
+  c.tokenizer = tokenizer_config("kl_small")
+
+  c.data.source = "folder"
+  c.data.path = a.path
+  c.data.image_size = 32
+  c.data.random_flip = True
+
+  c.train.num_steps = a.steps
+  c.train.batch_size = a.batch
+  c.train.log_every = 100
+  c.train.ckpt_every = 2000
+  c.train.ema_decay = 0.999
+  c.optim.lr = 4e-4
+  c.optim.b1, c.optim.b2 = 0.5, 0.9
+  c.optim.weight_decay = 0.0
+  c.optim.warmup_steps = 500
+  c.tokenizer.disc_enabled = True
+  c.tokenizer.disc_start = a.steps // 2   # LDM starts the GAN after the reconstruction settles
+  return c

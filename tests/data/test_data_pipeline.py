@@ -1,0 +1,301 @@
+"""Tests for ardiff_jax.data.pipeline.make_dataset (grain), on digits, folders, tfds mocks, caches."""
+import collections
+import hashlib
+import itertools
+import logging
+import os
+import sys
+import tarfile
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from ardiff_jax.data import pipeline
+from ardiff_jax.data import sources
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _cfg(**overrides):
+  fields = dict(source="digits", path="", tfds_name="", train_split="train", eval_split="test",
+                image_size=16, random_flip=True, num_classes=10, digits_test_fraction=0.2,
+                num_workers=0)
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def _take(ds, n):
+  return list(itertools.islice(iter(ds), n))
+
+
+def _keys(batch):
+  """Multiset of (label, image hash) for one batch."""
+  return collections.Counter(
+      (int(label), hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest())
+      for label, image in zip(batch["label"], batch["image"]))
+
+
+def _assert_batches_equal(a, b):
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_skip_counter():
+  pipeline.reset_skipped_images()
+  yield
+  pipeline.reset_skipped_images()
+
+
+def _write_folder(root, per_class=6, classes=("cat", "dog"), size=(20, 14)):
+  """Writes small random images (PNG and JPEG alternating) as <root>/train/<class>/."""
+  rng = np.random.default_rng(0)
+  for c, name in enumerate(classes):
+    class_dir = os.path.join(root, "train", name)
+    os.makedirs(class_dir, exist_ok=True)
+    for i in range(per_class):
+      arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+      ext = "png" if i % 2 == 0 else "jpg"
+      Image.fromarray(arr).save(os.path.join(class_dir, f"{c}_{i:02d}.{ext}"))
+  return str(root)
+
+
+# ------------------------------------------------------------ determinism
+def test_digits_batches_contract_and_determinism():
+  cfg = _cfg()
+  first = _take(pipeline.make_dataset(cfg, split="train", seed=0, batch_size=8, train=True), 3)
+  again = _take(pipeline.make_dataset(cfg, split="train", seed=0, batch_size=8, train=True), 3)
+  other = _take(pipeline.make_dataset(cfg, split="train", seed=1, batch_size=8, train=True), 3)
+  batch = first[0]
+  assert set(batch) == {"image", "label"}
+  assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.float32
+  assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
+  assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+  for a, b in zip(first, again):
+    _assert_batches_equal(a, b)
+  assert any(not np.array_equal(a["image"], b["image"]) for a, b in zip(first, other))
+
+
+def test_process_split_union_equals_single_process():
+  cfg = _cfg()
+  single = _take(pipeline.make_dataset(cfg, split="train", seed=5, batch_size=8, train=True), 3)
+  locals_ = [_take(pipeline.make_dataset(cfg, split="train", seed=5, batch_size=4, train=True,
+                                         process_index=p, process_count=2), 3) for p in range(2)]
+  for k in range(3):
+    part0, part1 = _keys(locals_[0][k]), _keys(locals_[1][k])
+    assert not part0 & part1
+    assert part0 + part1 == _keys(single[k])
+
+
+def test_bad_process_index_message():
+  with pytest.raises(ValueError, match=r"process_index=2 must be in \[0, process_count=2\)"):
+    pipeline.make_dataset(_cfg(), split="train", seed=0, batch_size=4, train=True,
+                          process_index=2, process_count=2)
+
+
+def test_iterator_state_restore():
+  cfg = _cfg()
+  it = iter(pipeline.make_dataset(cfg, split="train", seed=2, batch_size=8, train=True))
+  next(it), next(it)
+  state = it.get_state()
+  expected = next(it)
+  fresh = iter(pipeline.make_dataset(cfg, split="train", seed=2, batch_size=8, train=True))
+  fresh.set_state(state)
+  _assert_batches_equal(next(fresh), expected)
+
+
+def test_eval_is_one_ordered_pass_with_short_last_batch():
+  cfg = _cfg()
+  batches = list(pipeline.make_dataset(cfg, split="test", seed=0, batch_size=100, train=False))
+  assert [b["image"].shape[0] for b in batches] == [100, 100, 100, 60]
+  assert pipeline.num_examples(cfg, "test") == 360 and pipeline.num_examples(cfg, "train") == 1437
+  src = sources.DigitsSource("test", image_size=16, seed=0, test_fraction=0.2)
+  labels = np.concatenate([b["label"] for b in batches])
+  np.testing.assert_array_equal(labels, [src[i]["label"] for i in range(len(src))])
+  assert pipeline.class_names(cfg) == [str(d) for d in range(10)]
+
+
+# ----------------------------------------------------------------- repeat
+def test_repeat_reshuffles_each_epoch(tmp_path):
+  cfg = _cfg(source="folder", path=_write_folder(tmp_path), random_flip=False)
+  batches = _take(pipeline.make_dataset(cfg, split="train", seed=0, batch_size=4, train=True), 9)
+  epochs = [sum((_keys(b) for b in batches[e * 3:(e + 1) * 3]), collections.Counter()) for e in range(3)]
+  assert epochs[0] == epochs[1] == epochs[2] and sum(epochs[0].values()) == 12
+  order = lambda bs: [h for b in bs for h in _keys(b)]  # noqa: E731
+  assert order(batches[0:3]) != order(batches[3:6])
+
+
+def test_random_flip_depends_on_position(tmp_path):
+  # One image, repeated: the flip coin differs between stream positions.
+  root = tmp_path / "one"
+  os.makedirs(root / "train" / "a")
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)).save(
+      root / "train" / "a" / "x.png")
+  cfg = _cfg(source="folder", path=str(root))
+  batch = _take(pipeline.make_dataset(cfg, split="train", seed=0, batch_size=16, train=True), 1)[0]
+  first = batch["image"][0]
+  flipped = [not np.array_equal(x, first) for x in batch["image"]]
+  assert any(flipped) and not all(flipped[1:])
+  for x, f in zip(batch["image"], flipped):
+    np.testing.assert_array_equal(x, first[:, ::-1] if f else first)
+
+
+# --------------------------------------------------------- corrupt images
+def test_corrupt_image_is_skipped_counted_and_warned_once(tmp_path, caplog):
+  root = _write_folder(tmp_path)
+  bad = os.path.join(root, "train", "dog", "1_99_bad.jpg")
+  with open(bad, "wb") as f:
+    f.write(b"\xff\xd8\xff\xe0 truncated garbage")
+  cfg = _cfg(source="folder", path=root, random_flip=False)
+  assert pipeline.num_examples(cfg, "train") == 13
+  with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
+    batches = list(pipeline.make_dataset(cfg, split="train", seed=0, batch_size=5, train=False))
+    assert [b["label"].shape[0] for b in batches] == [5, 5, 2]
+    assert pipeline.num_skipped_images() == 1
+    # Two more epochs in training mode: counted again, but never warned again.
+    _take(pipeline.make_dataset(cfg, split="train", seed=0, batch_size=4, train=True), 6)
+  assert pipeline.num_skipped_images() == 3
+  warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == pipeline.__name__]
+  assert len(warnings) == 1 and bad in warnings[0].getMessage()
+  pipeline.reset_skipped_images()
+  assert pipeline.num_skipped_images() == 0
+
+
+def test_missing_and_empty_folder_messages(tmp_path):
+  cfg = _cfg(source="folder", path=str(tmp_path / "missing"))
+  with pytest.raises(FileNotFoundError, match="Image folder split directory not found"):
+    pipeline.make_dataset(cfg, split="train", seed=0, batch_size=4, train=True)
+  (tmp_path / "empty" / "train").mkdir(parents=True)
+  cfg = _cfg(source="folder", path=str(tmp_path / "empty"))
+  with pytest.raises(ValueError, match="has no class subfolders"):
+    pipeline.make_dataset(cfg, split="train", seed=0, batch_size=4, train=True)
+
+
+def test_unknown_source_message():
+  with pytest.raises(ValueError, match="data.source must be one of"):
+    pipeline.make_dataset(_cfg(source="lmdb"), split="train", seed=0, batch_size=4, train=True)
+
+
+# ----------------------------------------------------------------- CIFAR-10
+def _cifar_tar():
+  default = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "cifar10-jpg.tar.gz")
+  return os.environ.get("ARDIFF_CIFAR10_TAR", os.path.normpath(default))
+
+
+def _extract_cifar_subset(tar_path, dest, per_class):
+  """Streams the archive, keeping the first `per_class` images of every (split, class)."""
+  counts = collections.Counter()
+  with tarfile.open(tar_path, mode="r|gz") as archive:
+    for member in archive:
+      parts = member.name.split("/")  # cifar10/<split>/<class>/<file>
+      if not member.isfile() or len(parts) != 4 or counts[tuple(parts[1:3])] >= per_class:
+        continue
+      counts[tuple(parts[1:3])] += 1
+      target = os.path.join(dest, *parts)
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      with open(target, "wb") as f:
+        f.write(archive.extractfile(member).read())
+      if len(counts) == 20 and min(counts.values()) >= per_class:
+        break  # every split/class filled
+  return os.path.join(dest, "cifar10")
+
+
+def test_folder_on_cifar10_subset(tmp_path):
+  tar_path = _cifar_tar()
+  if not os.path.exists(tar_path):
+    pytest.skip(f"CIFAR-10 archive not found at {tar_path} (set ARDIFF_CIFAR10_TAR to its location)")
+  root = _extract_cifar_subset(tar_path, str(tmp_path), per_class=2)
+  cfg = _cfg(source="folder", path=root, image_size=32)
+  assert pipeline.class_names(cfg) == CIFAR_CLASSES
+  assert pipeline.num_examples(cfg, "test") == 20
+  batches = list(pipeline.make_dataset(cfg, split="test", seed=0, batch_size=8, train=False))
+  assert [b["image"].shape for b in batches] == [(8, 32, 32, 3), (8, 32, 32, 3), (4, 32, 32, 3)]
+  labels = np.concatenate([b["label"] for b in batches])
+  np.testing.assert_array_equal(labels, np.repeat(np.arange(10), 2))
+  train = _take(pipeline.make_dataset(cfg, split="train", seed=0, batch_size=8, train=True), 3)
+  for batch in train:
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert -1.0 <= batch["image"].min() < -0.5 and 0.5 < batch["image"].max() <= 1.0
+    assert batch["label"].min() >= 0 and batch["label"].max() <= 9
+  assert pipeline.num_skipped_images() == 0
+
+
+# --------------------------------------------------------------------- tfds
+@pytest.mark.parametrize("name, side", [("mnist", 28), ("cifar10", 32)])
+def test_tfds_mock_without_tensorflow(name, side):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  cfg = _cfg(source="tfds", tfds_name=name, image_size=16)
+  with tfds.testing.mock_data(num_examples=12):
+    assert pipeline.num_examples(cfg, "train") == 12
+    assert len(pipeline.class_names(cfg)) == 10
+    train = _take(pipeline.make_dataset(cfg, split="train", seed=0, batch_size=4, train=True), 4)
+    evals = list(pipeline.make_dataset(cfg, split="test", seed=0, batch_size=5, train=False))
+  assert all(b["image"].shape == (4, 16, 16, 3) and b["label"].dtype == np.int32 for b in train)
+  assert [b["image"].shape[0] for b in evals] == [5, 5, 2]
+  assert all(set(b) == {"image", "label"} for b in train + evals)  # string fields dropped
+  if side == 28:  # grayscale replicated to RGB
+    np.testing.assert_array_equal(train[0]["image"][..., 0], train[0]["image"][..., 2])
+  assert "tensorflow" not in sys.modules
+
+
+# ------------------------------------------------------------------- cached
+def _write_cache(root, split, sizes):
+  offset = 0
+  for shard, n in enumerate(sizes):
+    records = [{"moments": np.full((2, 2, 4), offset + i, np.float32),
+                "moments_flip": np.full((2, 2, 4), -(offset + i) - 0.5, np.float32),
+                "label": (offset + i) % 10} for i in range(n)]
+    path = os.path.join(root, split, f"shard-{shard:05d}.array_record")
+    assert sources.write_cached_shard(path, records) == n
+    offset += n
+  return offset
+
+
+def test_cached_roundtrip_and_flip_selection(tmp_path):
+  total = _write_cache(str(tmp_path), "train", [5, 7])
+  cfg = _cfg(source="cached", path=str(tmp_path))
+  assert pipeline.num_examples(cfg, "train") == total
+  evals = list(pipeline.make_dataset(cfg, split="train", seed=0, batch_size=5, train=False))
+  moments = np.concatenate([b["moments"] for b in evals])
+  assert set(evals[0]) == {"moments", "label"} and moments.dtype == np.float32
+  np.testing.assert_array_equal(moments[:, 0, 0, 0], np.arange(total))  # shard order kept
+  np.testing.assert_array_equal(np.concatenate([b["label"] for b in evals]), np.arange(total) % 10)
+  train = _take(pipeline.make_dataset(cfg, split="train", seed=0, batch_size=4, train=True), 6)
+  values = np.concatenate([b["moments"][:, 0, 0, 0] for b in train])
+  labels = np.concatenate([b["label"] for b in train])
+  flipped = values < 0
+  assert flipped.any() and (~flipped).any()
+  ids = np.where(flipped, -values - 0.5, values).astype(int)
+  np.testing.assert_array_equal(ids % 10, labels)  # each example is its record's own variant
+  no_flip = _take(pipeline.make_dataset(_cfg(source="cached", path=str(tmp_path), random_flip=False),
+                                        split="train", seed=0, batch_size=4, train=True), 6)
+  assert all((b["moments"] >= 0).all() for b in no_flip)
+
+
+# ------------------------------------------------------- worker processes
+def test_workers_match_in_process_and_count_skips(tmp_path):
+  root = _write_folder(tmp_path)
+  with open(os.path.join(root, "train", "cat", "0_50_bad.png"), "wb") as f:
+    f.write(b"garbage")
+  base = list(pipeline.make_dataset(_cfg(source="folder", path=root), split="train", seed=0,
+                                    batch_size=4, train=False))
+  assert pipeline.num_skipped_images() == 1
+  ds = pipeline.make_dataset(_cfg(source="folder", path=root, num_workers=2), split="train",
+                             seed=0, batch_size=4, train=False)
+  with_workers = list(ds)
+  assert pipeline.num_skipped_images() == 2  # counted in this (the main) process
+  assert len(base) == len(with_workers) == 3
+  for a, b in zip(base, with_workers):
+    _assert_batches_equal(a, b)
+
+
+def test_eval_only_folder_uses_its_own_classes(tmp_path):
+  _write_folder(tmp_path, per_class=2, classes=("b", "a"))
+  os.rename(tmp_path / "train", tmp_path / "test")  # no train split at all
+  cfg = _cfg(source="folder", path=str(tmp_path))
+  assert pipeline.class_names(cfg) == ["a", "b"]
+  batches = list(pipeline.make_dataset(cfg, split="test", seed=0, batch_size=8, train=False))
+  np.testing.assert_array_equal(batches[0]["label"], [0, 0, 1, 1])
