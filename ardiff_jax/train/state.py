@@ -131,7 +131,9 @@ def jit_train_step(method: Method, tx, schedule, cfg, mesh: Mesh, shardings: Tra
   rules = tuple(tuple(r) for r in cfg.mesh.rules)
 
   def step_fn(state, batch):
-    with nn.logical_axis_rules(rules):
+    # The mesh and the rules are visible while tracing, so the models' logical activation
+    # constraints (`nn.with_logical_constraint`) become real sharding constraints.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
       return train_step(state, batch, method=method, tx=tx, schedule=schedule, cfg=cfg)
 
   return jax.jit(step_fn, in_shardings=(shardings, data), out_shardings=(shardings, replicated),

@@ -82,3 +82,18 @@ def test_nonfinite_batch_is_skipped_and_counted():
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
   state, m = step(state, shd.global_batch({"image": batch["image"]}, exp.mesh))
   assert int(m["nonfinite"]) == 0 and int(state.num_nonfinite) == 1
+
+
+def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
+  config = tiny_config((8, 1, 1))
+  exp = build_experiment(config)
+  state = init_state(config.seed, exp.method, exp.tx, exp.shardings)
+  manager = checkpoint.make_manager(str(tmp_path), keep=1)
+  checkpoint.save(manager, 0, state, None, {})
+  manager.wait_until_finished()
+  other = build_experiment(tiny_config((1, 8, 1)))
+  restored, _ = checkpoint.restore(checkpoint.make_manager(str(tmp_path)), other.abstract_state)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params),
+               jax.device_get(state.params))
+  specs = {str(x.sharding.spec) for x in jax.tree.leaves(restored.params)}
+  assert any("fsdp" in s for s in specs), specs
