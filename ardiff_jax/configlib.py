@@ -121,6 +121,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.num_samples = 1000
   c.eval.source = "model"             # model | real_train
+  c.eval.batch_size = 64              # generation batch (global)
+  c.eval.every_steps = 0              # >0: run the evaluation during training every K steps
+  c.eval.num_real = 0                 # held-out real images as reference (0: the whole split)
+  c.eval.pr_k = 3                     # k of the k-NN manifolds (Kynkäänniemi et al. 2019)
+  c.eval.feature_net = feature_net_defaults()
+  c.eval.inception_weights = ""       # converted FID Inception .npz (convert/inception.py)
+  c.eval.fid_stats = ""               # reference mu/sigma .npz; "" -> from the held-out split
+  c.eval.inception_batch_size = 100
 
   c.bench = ml_collections.ConfigDict()
   c.bench.steps = 10
@@ -135,6 +143,29 @@ def base_config() -> ml_collections.ConfigDict:
   c.cache.splits = ("train", "test")
   c.cache.use_ema = True
   return c
+
+
+def feature_net_defaults() -> ml_collections.ConfigDict:
+  """`eval.feature_net`: the in-project classifier behind FD-clf (evals/features.py).
+
+  Defaults are sized for digits on a 2-core CPU (about a minute);
+  `evals.features.use_cifar_feature_net` switches to natural 32 px images.
+  """
+  f = ml_collections.ConfigDict()
+  f.dir = ""                 # "" -> $ARDIFF_JAX_CACHE (or ~/.cache/ardiff_jax)/feature_nets/<key>
+  f.widths = (32, 64, 128)   # channels per stage; the penultimate features have widths[-1] dims
+  f.blocks_per_stage = 1
+  f.stem_stride = 2
+  f.groups = 8
+  f.steps = 500
+  f.batch_size = 64
+  f.lr = 3e-3
+  f.weight_decay = 0.05
+  f.warmup_steps = 50
+  f.max_shift = 2            # random translation in pixels (reflect padding)
+  f.label_smoothing = 0.0
+  f.seed = 0
+  return f
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:

@@ -31,6 +31,9 @@ def run(config, workdir: str, mode: str):
   if mode == "sample":
     from ardiff_jax.sampling.run import sample_and_save
     return sample_and_save(config, workdir)
+  if mode == "eval":
+    from ardiff_jax.evals.run import evaluate
+    return evaluate(config, workdir)
   if mode == "cache":
     from ardiff_jax.data.cache import cache_latents
     return cache_latents(config, workdir)
@@ -39,7 +42,14 @@ def run(config, workdir: str, mode: str):
     return run_bench(config, workdir)
   raise NotImplementedError(
       f"--mode {mode} is not available yet in this version of ardiff_jax; "
-      "available: train, sample, cache, bench")
+      "available: train, sample, eval, cache, bench")
+
+
+class _QuietLibraries:
+  """Drops INFO records that orbax writes for every save and restore; warnings still pass."""
+
+  def filter(self, record) -> bool:
+    return record.levelno > 20 or "orbax" not in record.pathname
 
 
 def main(argv):
@@ -56,4 +66,5 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.use_absl_handler()
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   sys.exit(app.run(main))

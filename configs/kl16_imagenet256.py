@@ -7,14 +7,12 @@ MAR authors report. Not reproduced here: LDM's LPIPS term (its VGG weights are n
 Data: `tfds` imagenet2012 prepared by the user (`--config.data.path=<tfds data_dir>`).
 """
 from ardiff_jax import configlib
-from ardiff_jax.tokenizers.train import tokenizer_config
+from ardiff_jax.tokenizers.train import tokenizer_base_config
 
 
 def get_config(arg=None):
   a = configlib.parse_arg(arg, steps=500000, batch=256)
-  c = configlib.base_config()
-  c.method = "kl_tokenizer"
-  c.tokenizer = tokenizer_config("kl16")
+  c = tokenizer_base_config("kl16")
   c.tokenizer.latent_scale = 0.2325
 
   c.data.source = "tfds"
@@ -31,8 +29,6 @@ def get_config(arg=None):
   c.train.ema_decay = 0.9999
   c.train.compute_dtype = "bfloat16"
   c.optim.lr = 1e-4
-  c.optim.b1, c.optim.b2 = 0.5, 0.9
-  c.optim.weight_decay = 0.0
   c.tokenizer.disc_enabled = True
   c.tokenizer.disc_start = 50001
   c.sample.batch_size = 16

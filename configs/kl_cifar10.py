@@ -5,14 +5,13 @@ Point `data.path` at the folder holding `train/<class>/*.jpg` and `test/<class>/
 kl_small: stride 4, 32×32 -> 8×8×8 latents (tokens for MAR/AR on CIFAR-10).
 """
 from ardiff_jax import configlib
-from ardiff_jax.tokenizers.train import tokenizer_config
+from ardiff_jax.evals.features import use_cifar_feature_net
+from ardiff_jax.tokenizers.train import tokenizer_base_config
 
 
 def get_config(arg=None):
   a = configlib.parse_arg(arg, steps=20000, batch=128, path="data/cifar10")
-  c = configlib.base_config()
-  c.method = "kl_tokenizer"
-  c.tokenizer = tokenizer_config("kl_small")
+  c = tokenizer_base_config("kl_small")
 
   c.data.source = "folder"
   c.data.path = a.path
@@ -25,9 +24,9 @@ def get_config(arg=None):
   c.train.ckpt_every = 2000
   c.train.ema_decay = 0.999
   c.optim.lr = 4e-4
-  c.optim.b1, c.optim.b2 = 0.5, 0.9
-  c.optim.weight_decay = 0.0
   c.optim.warmup_steps = 500
   c.tokenizer.disc_enabled = True
   c.tokenizer.disc_start = a.steps // 2   # LDM starts the GAN after the reconstruction settles
+  use_cifar_feature_net(c.eval.feature_net)
+  c.eval.num_samples = 10000
   return c

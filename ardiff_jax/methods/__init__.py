@@ -32,6 +32,10 @@ class Method:
       `grid_columns` int and optional scalar metrics: what `--mode sample` writes.
     encode: (params, images [B,H,W,C] in [-1,1]) -> moments/codes: what `--mode cache` stores
       (tokenizers only).
+    generate: (params, batch, rng) -> uint8 images [B,H,W,3]: what `--mode eval` scores.
+      With generate_from="labels" the batch holds class-balanced `label` int32 [B]; with
+      "images" (tokenizers) it holds held-out `image` [B,H,W,3] in [-1,1] and `label`, and the
+      method returns their reconstructions.
   """
   name: str
   model: Any
@@ -42,6 +46,8 @@ class Method:
   init_extras: Callable[[jax.Array], dict] = lambda rng: {}
   visualize: Callable[..., dict] | None = None
   encode: Callable[..., jax.Array] | None = None
+  generate: Callable[..., jax.Array] | None = None
+  generate_from: str = "labels"
 
 
 def _kl_tokenizer(config):
@@ -49,8 +55,14 @@ def _kl_tokenizer(config):
   return train.make_method(config)
 
 
+def _feature_classifier(config):
+  from ardiff_jax.evals import features  # pylint: disable=g-import-not-at-top
+  return features.make_method(config)
+
+
 METHODS: dict[str, Callable[[ml_collections.ConfigDict], Method]] = {
     "kl_tokenizer": _kl_tokenizer,
+    "feature_classifier": _feature_classifier,
 }
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ardiff_jax import configlib
 from ardiff_jax.methods import Method
 from ardiff_jax.tokenizers import kl as kl_lib
 from ardiff_jax.tokenizers import losses
@@ -79,20 +80,30 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   def encode(params, images):
     return ae.apply({"params": params["ae"]}, images, method=ae.encode)
 
+  def reconstruct(params, x):
+    """[B,H,W,3] in [-1, 1] -> decode(posterior mode(encode(x))), clipped to [-1, 1]."""
+    x_rec = ae.apply({"params": params["ae"]}, kl_lib.posterior_mode(encode(params, x)),
+                     method=ae.decode)
+    return jnp.clip(x_rec.astype(jnp.float32), -1, 1)
+
+  def generate(params, batch, rng):
+    """What `--mode eval` scores for a tokenizer: reconstructions of held-out images (rFID style)."""
+    del rng
+    return to_uint8(reconstruct(params, batch["image"].astype(jnp.float32)))
+
   def visualize(params, batch, rng):
     """Originals next to their reconstructions (posterior mode), 8 pairs per grid row."""
     del rng
     x = batch["image"].astype(jnp.float32)
-    moments = encode(params, x)
-    x_rec = ae.apply({"params": params["ae"]}, kl_lib.posterior_mode(moments), method=ae.decode)
-    x_rec = jnp.clip(x_rec.astype(jnp.float32), -1, 1)
+    x_rec = reconstruct(params, x)
     pairs = jnp.stack([x, x_rec], axis=1).reshape((-1,) + x.shape[1:])
     labels = jnp.repeat(batch["label"], 2)
     return {"images": to_uint8(pairs), "labels": labels, "grid_columns": 16,
             "psnr": psnr(x, x_rec)}
 
   return Method(name="kl_tokenizer", model=ae, init_params=init_params, loss_fn=loss_fn,
-                batch_keys=("image",), visualize=visualize, encode=encode)
+                batch_keys=("image",), visualize=visualize, encode=encode, generate=generate,
+                generate_from="images")
 
 
 def tokenizer_config(preset: str = "kl_tiny") -> ml_collections.ConfigDict:
@@ -110,3 +121,20 @@ def tokenizer_config(preset: str = "kl_tiny") -> ml_collections.ConfigDict:
   t.disc_layers = 3
   t.latent_scale = 1.0                       # 0.2325 for KL-16 (MAR); consumers multiply tokens by it
   return t
+
+
+def tokenizer_base_config(preset: str) -> ml_collections.ConfigDict:
+  """A full config for training a KL tokenizer with LDM's optimisation defaults.
+
+  LDM trains its autoencoders with Adam(β = 0.5, 0.9), no weight decay and no EMA, and reconstructs
+  and encodes with the raw weights; `sample.use_ema` and `cache.use_ema` follow (an EMA of a short
+  run lags the raw weights by several dB of PSNR). Dataset configs fill in data, steps and lr.
+  """
+  c = configlib.base_config()
+  c.method = "kl_tokenizer"
+  c.tokenizer = tokenizer_config(preset)
+  c.optim.b1, c.optim.b2 = 0.5, 0.9
+  c.optim.weight_decay = 0.0
+  c.sample.use_ema = False   # also what --mode eval scores
+  c.cache.use_ema = False
+  return c

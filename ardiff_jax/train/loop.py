@@ -161,6 +161,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             "set --config.nan_policy=skip to skip such steps.")
       if done % config.train.ckpt_every == 0 or done == num_steps or preempt.requested:
         checkpoint.save(manager, done, state, data_iter, cfg_dict, force=preempt.requested)
+      if config.eval.every_steps and done % config.eval.every_steps == 0:
+        writer.write(done, _periodic_eval(config, workdir, state, done))
       if preempt.requested:
         logging.warning("stopped at step %d after SIGTERM; rerun the same command to resume", done)
         break
@@ -170,6 +172,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer.close()
     preempt.restore()
   return state
+
+
+def _periodic_eval(config, workdir: str, state: TrainState, step: int) -> dict:
+  """`--mode eval` on the in-memory weights; its scalars go to metrics.jsonl under `eval/`."""
+  from ardiff_jax.evals.run import evaluate  # pylint: disable=g-import-not-at-top
+  params = state.ema_params if config.sample.use_ema else state.params
+  result = evaluate(config, workdir, params=params, step=step)
+  return {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float)) and k != "step"}
 
 
 def _progress(start: int, total: int):

@@ -1,0 +1,1 @@
+"""Official checkpoints (PyTorch files) -> ardiff_jax parameters, without PyTorch installed."""
