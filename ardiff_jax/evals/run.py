@@ -14,6 +14,7 @@ Metrics, each named with its feature network:
   - on the FID InceptionV3, when `eval.inception_weights` is set: `fid` (against `eval.fid_stats`,
     or statistics of the held-out split computed once and saved), `inception_score` (10 splits),
     `precision_inception`, `recall_inception`.
+Precision/recall use equal-size seeded subsets of the two sets (`pr_num_each`); FD uses all of both.
 Files: `eval/<step>.json` for the model, `eval/real_train_<step>.json` for the real-data check.
 """
 from __future__ import annotations
@@ -110,6 +111,18 @@ def _model_images(config, workdir, params, step, data_cfg, real):
   return images, np.asarray(labels), step
 
 
+def equal_size(a: np.ndarray, b: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Seeded random subsets of a and b with min(len(a), len(b)) rows each.
+
+  k-NN radii shrink as a set grows, so improved precision/recall compare sets of equal size
+  (Kynkäänniemi et al. use 50k against 50k).
+  """
+  n = min(len(a), len(b))
+  rng = np.random.default_rng(seed)
+  pick = lambda x: x if len(x) == n else x[np.sort(rng.choice(len(x), n, replace=False))]
+  return pick(a), pick(b)
+
+
 def _latest_step(workdir: str) -> int:
   ckpt = os.path.join(workdir, "checkpoints")
   steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
@@ -158,7 +171,7 @@ def inception_metrics(config, workdir, gen_images: np.ndarray, real_images: np.n
   if real_pool is None:
     real_pool, _ = run(real_images, "inception (real)")
   out["precision_inception"], out["recall_inception"] = M.precision_recall(
-      real_pool, gen_pool, k=ecfg.pr_k)
+      *equal_size(real_pool, gen_pool, config.seed), k=ecfg.pr_k)
   return out
 
 
@@ -181,7 +194,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, params=None,
     gen_images, gen_labels, step = _model_images(config, workdir, params, step, data_cfg,
                                                  (real_images, real_labels))
   gen_feats, gen_logits = fnet.features_and_logits(gen_images, desc="features (generated)")
-  precision, recall = M.precision_recall(real_feats, gen_feats, k=ecfg.pr_k)
+  precision, recall = M.precision_recall(*equal_size(real_feats, gen_feats, config.seed),
+                                         k=ecfg.pr_k)
   result = {
       "step": int(step), "source": ecfg.source, "num_samples": int(len(gen_images)),
       "num_real": int(len(real_feats)), "real_split": data_cfg.eval_split,
@@ -189,6 +203,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, params=None,
       "fd_clf": M.frechet_distance_of_features(gen_feats, real_feats),
       "class_accuracy": M.class_accuracy(gen_logits, gen_labels),
       "precision": precision, "recall": recall, "pr_k": int(ecfg.pr_k),
+      "pr_num_each": int(min(len(real_feats), len(gen_feats))),
   }
   result.update(inception_metrics(config, workdir, gen_images, real_images))
   result["eval_time_s"] = time.time() - start

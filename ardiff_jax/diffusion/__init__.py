@@ -1,0 +1,1 @@
+"""Diffusion processes: Gaussian (MAR's DiffLoss, ADM/iDDPM)."""

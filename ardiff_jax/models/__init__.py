@@ -1,0 +1,1 @@
+"""Networks: the MAR backbone, the causal GPT, the diffusion head, shared blocks."""
