@@ -8,6 +8,7 @@ online flip augmentation. Each process writes its own shard:
 """
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -18,6 +19,8 @@ from absl import logging
 from tqdm import tqdm
 
 from ardiff_jax.data import pipeline, sources
+
+LATENT_STATS = "latent_stats.json"
 
 
 def _pad_to(batch: dict, size: int) -> tuple[dict, int]:
@@ -40,11 +43,15 @@ def cache_split(encode, params, config: ml_collections.ConfigDict, split: str, o
   def both(params, images):
     return encode(params, images), encode(params, jnp.flip(images, axis=2))
 
+  sums = np.zeros(3)   # count, Σ mean, Σ mean² of the posterior means (for the latent scale)
+
   def records():
     with tqdm(desc=f"cache {split}", unit="img") as bar:
       for batch in ds:
         padded, n = _pad_to({"image": batch["image"], "label": batch["label"]}, bs)
         m, mf = jax.device_get(both(params, padded["image"]))
+        means = np.asarray(m[:n, ..., : m.shape[-1] // 2], np.float64)
+        sums[:] += (means.size, means.sum(), np.square(means).sum())
         for i in range(n):
           yield {"moments": np.asarray(m[i], np.float32), "moments_flip": np.asarray(mf[i], np.float32),
                  "label": int(padded["label"][i])}
@@ -54,7 +61,23 @@ def cache_split(encode, params, config: ml_collections.ConfigDict, split: str, o
   name = f"shard-{jax.process_index():05d}-of-{jax.process_count():05d}.array_record"
   count = sources.write_cached_shard(os.path.join(out_dir, split, name), records())
   logging.info("cached %d %s examples to %s", count, split, os.path.join(out_dir, split))
+  if jax.process_index() == 0 and sums[0]:
+    mean = sums[1] / sums[0]
+    std = float(np.sqrt(max(sums[2] / sums[0] - mean ** 2, 1e-12)))
+    with open(os.path.join(out_dir, split, LATENT_STATS), "w") as f:
+      json.dump({"mean": float(mean), "std": std, "suggested_scale": 1.0 / std,
+                 "num_values": int(sums[0])}, f, indent=2)
   return count
+
+
+def latent_scale_from_cache(cache_dir: str, split: str = "train") -> float:
+  """1/std of the cached posterior means (LDM's `scale_factor` rule), from `--mode cache`'s stats."""
+  path = os.path.join(cache_dir, split, LATENT_STATS)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: run --mode cache with the tokenizer first, or "
+                            "set tokenizer.latent_scale to a positive number (0.2325 for KL-16)")
+  with open(path) as f:
+    return float(json.load(f)["suggested_scale"])
 
 
 def cache_latents(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:

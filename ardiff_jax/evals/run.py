@@ -23,6 +23,7 @@ import json
 import os
 import time
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -55,7 +56,7 @@ def _pad_batch(batch: dict, size: int) -> dict:
   return {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)]) for k, v in batch.items()}
 
 
-def generate_images(exp, params, inputs: dict, batch_size: int, seed: int) -> np.ndarray:
+def generate_images(exp, params, inputs: dict, batch_size: int, seed: int, frozen=None) -> np.ndarray:
   """Runs `Method.generate` over `inputs` (arrays [N, ...]) in fixed-size sharded batches.
 
   Batch i draws its randomness from fold_in(key(seed), i); the last batch is padded and trimmed,
@@ -67,9 +68,9 @@ def generate_images(exp, params, inputs: dict, batch_size: int, seed: int) -> np
                      f"size data×fsdp={data_par}")
   rules = exp.rules
 
-  def gen(p, b, rng):
-    with nn_rules(rules):
-      return exp.method.generate(p, b, rng)
+  def gen(p, f, b, rng):
+    with nn.logical_axis_rules(rules):
+      return exp.method.generate(p, f, b, rng)
 
   gen = jax.jit(gen)
   n = len(next(iter(inputs.values())))
@@ -79,13 +80,8 @@ def generate_images(exp, params, inputs: dict, batch_size: int, seed: int) -> np
     chunk = {k: v[start:start + batch_size] for k, v in inputs.items()}
     m = len(next(iter(chunk.values())))
     batch = shd.global_batch(_pad_batch(chunk, batch_size), exp.mesh)
-    out.append(np.asarray(jax.device_get(gen(params, batch, jax.random.fold_in(rng, i))))[:m])
+    out.append(np.asarray(jax.device_get(gen(params, frozen, batch, jax.random.fold_in(rng, i))))[:m])
   return np.concatenate(out)
-
-
-def nn_rules(rules):
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  return nn.logical_axis_rules(rules)
 
 
 def _model_images(config, workdir, params, step, data_cfg, real):
@@ -107,7 +103,8 @@ def _model_images(config, workdir, params, step, data_cfg, real):
   else:
     labels = balanced_labels(config.eval.num_samples, data_cfg.num_classes)
     inputs = {"label": labels}
-  images = generate_images(exp, params, inputs, config.eval.batch_size, config.seed + 1)
+  frozen = exp.method.load_frozen() if exp.method.load_frozen else None
+  images = generate_images(exp, params, inputs, config.eval.batch_size, config.seed + 1, frozen)
   return images, np.asarray(labels), step
 
 

@@ -32,10 +32,13 @@ class Method:
       `grid_columns` int and optional scalar metrics: what `--mode sample` writes.
     encode: (params, images [B,H,W,C] in [-1,1]) -> moments/codes: what `--mode cache` stores
       (tokenizers only).
-    generate: (params, batch, rng) -> uint8 images [B,H,W,3]: what `--mode eval` scores.
+    generate: (params, frozen, batch, rng) -> uint8 images [B,H,W,3]: what `--mode eval` and, for
+      generators, `--mode sample` produce. `frozen` is what `load_frozen()` returned (None if absent).
       With generate_from="labels" the batch holds class-balanced `label` int32 [B]; with
       "images" (tokenizers) it holds held-out `image` [B,H,W,3] in [-1,1] and `label`, and the
       method returns their reconstructions.
+    load_frozen: () -> weights the method uses but does not train (a tokenizer's decoder), loaded
+      once by the sample and eval modes.
   """
   name: str
   model: Any
@@ -48,6 +51,7 @@ class Method:
   encode: Callable[..., jax.Array] | None = None
   generate: Callable[..., jax.Array] | None = None
   generate_from: str = "labels"
+  load_frozen: Callable[[], PyTree] | None = None
 
 
 def _kl_tokenizer(config):
@@ -60,8 +64,14 @@ def _feature_classifier(config):
   return features.make_method(config)
 
 
+def _mar(config):
+  from ardiff_jax.methods import mar  # pylint: disable=g-import-not-at-top
+  return mar.make_method(config)
+
+
 METHODS: dict[str, Callable[[ml_collections.ConfigDict], Method]] = {
     "kl_tokenizer": _kl_tokenizer,
+    "mar": _mar,
     "feature_classifier": _feature_classifier,
 }
 

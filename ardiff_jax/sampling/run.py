@@ -29,8 +29,24 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, use_ema: boo
   return exp, (state.ema_params if use_ema else state.params), step
 
 
+def restore_run_params(workdir: str, use_ema: bool | None = None):
+  """Parameters of another run (e.g. the tokenizer a generator decodes with), rebuilt from the
+  run's own `config.json`; `use_ema` defaults to that run's `sample.use_ema`."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a trained ardiff_jax run "
+                            "(train it first with --mode train)")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  use_ema = config.sample.use_ema if use_ema is None else use_ema
+  _, params, _ = restore_params(config, workdir, use_ema)
+  return jax.device_get(params)
+
+
 def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> dict:
   exp, params, step = restore_params(config, workdir, config.sample.use_ema)
+  if exp.method.generate_from == "labels":
+    return _save_generations(config, workdir, exp, params, step)
   visualize = jax.jit(exp.method.visualize)
   ds = pipeline.make_dataset(config.data, split=config.data.eval_split, seed=config.seed,
                              batch_size=config.sample.batch_size, train=False)
@@ -50,17 +66,34 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      "yielded no examples to sample from")
   images = np.concatenate([o["images"] for o in outs])
   labels = np.concatenate([o["labels"] for o in outs])
+  extra = {key: float(np.mean(np.concatenate([np.atleast_1d(o[key]) for o in outs])))
+           for key in outs[0] if key not in ("images", "labels", "grid_columns")}
+  return _write_samples(workdir, step, images, labels, int(outs[0]["grid_columns"]), params, extra)
+
+
+def _save_generations(config, workdir, exp, params, step) -> dict:
+  """Class-conditional samples, one grid row per class (`sample.num_samples` in all)."""
+  from ardiff_jax.evals.run import balanced_labels, generate_images  # pylint: disable=g-import-not-at-top
+  num_classes = config.data.num_classes
+  labels = balanced_labels(config.sample.num_samples, num_classes)
+  frozen = exp.method.load_frozen() if exp.method.load_frozen else None
+  images = generate_images(exp, params, {"label": labels}, config.sample.batch_size, config.seed,
+                           frozen)
+  columns = max(1, -(-config.sample.num_samples // num_classes))
+  return _write_samples(workdir, step, images, labels, columns, params,
+                        {"cfg_scale": float(config.sample.cfg_scale)})
+
+
+def _write_samples(workdir, step, images, labels, columns, params, extra) -> dict:
   sdir = os.path.join(workdir, "samples")
   os.makedirs(sdir, exist_ok=True)
   grid_path = os.path.join(sdir, f"grid_{step}.png")
   upscale = max(1, 128 // images.shape[1])
-  grids.save_grid(images, grid_path, columns=int(outs[0]["grid_columns"]), upscale=min(upscale, 4))
+  grids.save_grid(images, grid_path, columns=columns, upscale=min(upscale, 4))
   np.savez(os.path.join(sdir, f"samples_{step}.npz"), images=images, labels=labels)
   summary = {"step": step, "num_images": int(len(images)), "grid": grid_path,
              "num_params": shd.count_params(params)}
-  for key in outs[0]:
-    if key not in ("images", "labels", "grid_columns"):
-      summary[key] = float(np.mean(np.concatenate([np.atleast_1d(o[key]) for o in outs])))
+  summary.update(extra)
   with open(os.path.join(sdir, f"summary_{step}.json"), "w") as f:
     json.dump(summary, f, indent=2)
   logging.info("wrote %s (%s)", grid_path, {k: v for k, v in summary.items() if k != "grid"})

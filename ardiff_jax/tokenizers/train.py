@@ -86,9 +86,9 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
                      method=ae.decode)
     return jnp.clip(x_rec.astype(jnp.float32), -1, 1)
 
-  def generate(params, batch, rng):
+  def generate(params, frozen, batch, rng):
     """What `--mode eval` scores for a tokenizer: reconstructions of held-out images (rFID style)."""
-    del rng
+    del frozen, rng
     return to_uint8(reconstruct(params, batch["image"].astype(jnp.float32)))
 
   def visualize(params, batch, rng):
