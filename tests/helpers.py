@@ -14,3 +14,12 @@ def load_config(name: str, arg: str | None = None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def perturb_head_outputs(params, scale: float = 0.05):
+  """Adds noise to a DiffLoss head's zero-initialised output layers, so that samples depend on
+  the conditions (at init the head predicts ε̂ = 0 whatever it is given)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x + scale * jax.random.normal(jax.random.key(len(str(p))), x.shape)
+      if "final_linear" in str(p) or "adaLN" in str(p) else x, params)

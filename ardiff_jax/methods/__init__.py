@@ -69,9 +69,15 @@ def _mar(config):
   return mar.make_method(config)
 
 
+def _ar_diffusion(config):
+  from ardiff_jax.methods import ar_diffusion  # pylint: disable=g-import-not-at-top
+  return ar_diffusion.make_method(config)
+
+
 METHODS: dict[str, Callable[[ml_collections.ConfigDict], Method]] = {
     "kl_tokenizer": _kl_tokenizer,
     "mar": _mar,
+    "ar_diffusion": _ar_diffusion,
     "feature_classifier": _feature_classifier,
 }
 

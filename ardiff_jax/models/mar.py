@@ -35,7 +35,7 @@ PRESETS: dict[str, dict] = {
     "mar_huge": dict(width=1280, enc_depth=20, dec_depth=20, num_heads=16, head_depth=12, head_width=1536),
     # CPU sizes (ours): the digits demo and the tests.
     "mar_small": dict(width=128, enc_depth=2, dec_depth=2, num_heads=4, head_depth=2, head_width=128,
-                      buffer_size=16),
+                      buffer_size=4),
     "mar_tiny": dict(width=32, enc_depth=1, dec_depth=1, num_heads=2, head_depth=1, head_width=32,
                      buffer_size=4),
 }

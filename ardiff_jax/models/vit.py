@@ -15,10 +15,11 @@ import jax.numpy as jnp
 XAVIER = nn.initializers.xavier_uniform()
 
 
-def dense(features: int, axes: tuple[str, str], name: str, dtype=jnp.float32, use_bias: bool = True):
-  """Linear with xavier-uniform kernel and zero bias, both carrying logical axis names."""
+def dense(features: int, axes: tuple, name: str, dtype=jnp.float32, use_bias: bool = True,
+          init=XAVIER):
+  """Linear (xavier-uniform kernel and zero bias by default), parameters carrying logical axis names."""
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(XAVIER, axes),
+                  kernel_init=nn.with_logical_partitioning(init, axes),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
 
 

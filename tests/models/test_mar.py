@@ -10,6 +10,7 @@ from scipy import stats
 from ardiff_jax.diffusion.gaussian import create_diffusion
 from ardiff_jax.models import mar
 from ardiff_jax.sampling.mar import sample_tokens
+from tests.helpers import perturb_head_outputs
 
 L, C = 16, 4
 
@@ -19,9 +20,7 @@ def tiny():
   model = mar.make_mar("mar_tiny", token_dim=C, seq_len=L, num_classes=10, dropout=0.0)
   params = model.init(jax.random.key(0), method=mar.MAR.init_all)["params"]
   # Non-zero head output layers, so the sampler's outputs depend on the conditions.
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, x: x + 0.05 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
-      if "final_linear" in str(p) or "adaLN" in str(p) else x, params)
+  params = perturb_head_outputs(params)
   return model, params
 
 

@@ -1,0 +1,81 @@
+"""Causal AR with diffusion loss (MAR Table 1's "AR, raster, causal" variant; the backbone of the
+condition-refinement paper's "GPT-XL" model) as a `Method`.
+
+For cached posterior moments: tokens x_1..x_L = patchify(scale · posterior sample), raster order.
+  z = GPT([class or null, x_1 … x_{L−1}])           (labels dropped to the null row with p = label_drop)
+  L = Σ_copies [ mean_c (ε − ε̂)² + L_vlb ] / #copies over all L tokens, each repeated
+      `diffusion_batch_mul` times with its own t (teacher forcing: every position is trained).
+Raster order only for now (`ar.order = "random"` is refused until implemented).
+Sampling (`sampling/ar.py`) decodes raster order with a KV cache.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ardiff_jax.diffusion.gaussian import create_diffusion
+from ardiff_jax.methods import Method
+from ardiff_jax.methods import latent_tokens as lt
+from ardiff_jax.models import gpt as gpt_lib
+from ardiff_jax.models.diffloss import diffloss_loss
+from ardiff_jax.sampling.ar import sample_tokens
+
+
+def ar_config(preset: str = "gpt_xl") -> ml_collections.ConfigDict:
+  """Defaults of the `ar` config section (MAR's DiffLoss settings; constant CFG, raster order)."""
+  a = lt.generator_section(preset)
+  a.cfg_schedule = "constant"                   # or "linear": 1 + (s − 1)(i + 1)/L
+  a.order = "raster"
+  return a
+
+
+def ar_base_config(preset: str, batch_size: int) -> ml_collections.ConfigDict:
+  return lt.generator_base_config("ar_diffusion", "ar", ar_config(preset), batch_size)
+
+
+def build_model(config: ml_collections.ConfigDict) -> gpt_lib.GPT:
+  seq_len, token_dim = lt.token_geometry(config, config.ar.patch_size)
+  return gpt_lib.make_gpt(config.ar.preset, token_dim=token_dim, seq_len=seq_len,
+                          num_classes=config.data.num_classes,
+                          dtype=jnp.dtype(config.train.compute_dtype), **lt.overrides(config.ar))
+
+
+def make_method(config: ml_collections.ConfigDict) -> Method:
+  a = config.ar
+  if a.order != "raster":
+    raise NotImplementedError(f"ar.order={a.order!r}: only 'raster' is implemented so far")
+  model = build_model(config)
+  seq_len, token_dim = lt.token_geometry(config, a.patch_size)
+  scale = lt.token_scale(config)
+  train_diffusion = create_diffusion(1000)
+  sample_diffusion = create_diffusion(1000, a.num_sampling_steps)
+  decode = lt.make_decoder(config, scale, a.patch_size)
+
+  def init_params(rng):
+    return model.init(rng, method=gpt_lib.GPT.init_all)["params"]
+
+  def loss_fn(params, batch, rng, step, extras):
+    del step
+    r_tok, r_drop, r_dropout, r_diff = jax.random.split(rng, 4)
+    tokens = lt.tokens_from_moments(batch["moments"], r_tok, scale, a.patch_size)   # [B, L, C]
+    b = tokens.shape[0]
+    drop = jax.random.uniform(r_drop, (b,)) < a.label_drop
+    labels = jnp.where(drop, config.data.num_classes, batch["label"])
+    apply = lambda *args, **kw: model.apply({"params": params}, *args, **kw)
+    z = apply(tokens, labels, deterministic=False, rngs={"dropout": r_dropout})
+    head = lambda x, t, zz: apply(x, t, zz, method=gpt_lib.GPT.head)
+    loss, terms = diffloss_loss(head, train_diffusion, z.reshape(-1, z.shape[-1]),
+                                tokens.reshape(-1, token_dim), jnp.ones((b * seq_len,)), r_diff,
+                                a.diffusion_batch_mul)
+    return loss, terms, extras
+
+  def generate(params, frozen, batch, rng):
+    tokens = sample_tokens(model, params, batch["label"], rng, diffusion=sample_diffusion,
+                           cfg_scale=float(config.sample.cfg_scale), cfg_schedule=a.cfg_schedule,
+                           temperature=float(a.temperature))
+    return decode(frozen, tokens)
+
+  return Method(name="ar_diffusion", model=model, init_params=init_params, loss_fn=loss_fn,
+                batch_keys=("moments", "label"), decay_mask=lt.no_decay_in_head, generate=generate,
+                generate_from="labels", load_frozen=lt.tokenizer_loader(a.tokenizer_workdir))

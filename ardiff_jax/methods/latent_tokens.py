@@ -1,0 +1,166 @@
+"""What every generator over continuous tokenizer latents shares (MAR, causal AR with DiffLoss).
+
+Tokens come from cached posterior moments: tokens = patchify(scale · (μ + σ ⊙ ε)) (the posterior is
+sampled, as MAR trains); samples go back through unpatchify, ÷ scale and the tokenizer's decoder.
+A generator's config section (`mar`, `ar`) holds `patch_size` and `tokenizer_workdir`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ardiff_jax.models.mar import patchify, unpatchify
+from ardiff_jax.tokenizers import kl as kl_lib
+
+
+def generator_section(preset: str) -> ml_collections.ConfigDict:
+  """The config fields every DiffLoss generator section (`mar`, `ar`) has, at MAR's defaults."""
+  g = ml_collections.ConfigDict()
+  g.preset = preset
+  g.overrides = ml_collections.ConfigDict()   # model fields to change in the preset
+  g.patch_size = 1
+  g.label_drop = 0.1
+  g.diffusion_batch_mul = 4
+  g.num_sampling_steps = "100"    # DDPM steps of the DiffLoss sampler (respaced from T = 1000)
+  g.cfg_schedule = "linear"
+  g.temperature = 1.0
+  g.tokenizer_workdir = ""        # the trained tokenizer run whose decoder turns tokens into images
+  return g
+
+
+def generator_base_config(method: str, section_name: str, section: ml_collections.ConfigDict,
+                          batch_size: int) -> ml_collections.ConfigDict:
+  """A full training config with MAR's optimisation (reference/mar.md §2.6), shared by the
+  causal AR variant: AdamW(0.9, 0.95), weight decay 0.02 (not on biases, norms or the DiffLoss
+  head), lr = 1e-4·B/256, linear warmup then constant, clip 3.0, EMA 0.9999, cached tokens.
+  Dataset configs set the tokenizer, the data paths, the steps and the warmup (100 epochs in MAR).
+  """
+  from ardiff_jax import configlib  # pylint: disable=g-import-not-at-top
+  c = configlib.base_config()
+  c.method = method
+  c[section_name] = section
+  c.train.batch_size = batch_size
+  c.train.ema_decay = 0.9999
+  c.optim.lr = 1e-4 * batch_size / 256
+  c.optim.b1, c.optim.b2 = 0.9, 0.95
+  c.optim.weight_decay = 0.02
+  c.optim.grad_clip_norm = 3.0
+  c.optim.schedule = "constant"
+  c.data.source = "cached"
+  return c
+
+
+def overrides(section) -> dict:
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in section.overrides.to_dict().items()}
+
+
+def build_autoencoder(config: ml_collections.ConfigDict) -> kl_lib.AutoencoderKL:
+  return kl_lib.make_autoencoder(config.tokenizer.preset, **overrides(config.tokenizer))
+
+
+def token_geometry(config: ml_collections.ConfigDict, patch_size: int) -> tuple[int, int]:
+  """(tokens L, token dim C) from the tokenizer's stride and latent width, image size and patch."""
+  ae = build_autoencoder(config)
+  side = config.data.image_size // 2 ** (len(ae.enc_ch_mult) - 1)
+  if side % patch_size:
+    raise ValueError(f"latent side {side} is not divisible by patch_size={patch_size}")
+  return (side // patch_size) ** 2, ae.embed_dim * patch_size * patch_size
+
+
+def token_scale(config: ml_collections.ConfigDict) -> float:
+  """`tokenizer.latent_scale` (0.2325 for KL-16); 0 means 1/std of the cached latents, which
+  `--mode cache` measured (our choice for tokenizers without a published scale, e.g. digits)."""
+  if config.tokenizer.latent_scale > 0:
+    return float(config.tokenizer.latent_scale)
+  from ardiff_jax.data.cache import latent_scale_from_cache  # pylint: disable=g-import-not-at-top
+  return latent_scale_from_cache(config.data.path)
+
+
+def tokens_from_moments(moments: jax.Array, rng: jax.Array, scale: float, patch_size: int) -> jax.Array:
+  """Cached moments [B, h, w, 2E] -> tokens [B, L, C] from a posterior sample."""
+  return patchify(kl_lib.posterior_sample(moments.astype(jnp.float32), rng) * scale, patch_size)
+
+
+def make_decoder(config: ml_collections.ConfigDict, scale: float, patch_size: int):
+  """(frozen tokenizer params, tokens [B, L, C]) -> uint8 images [B, H, W, 3]."""
+  ae = build_autoencoder(config)
+
+  def decode(frozen, tokens):
+    latents = unpatchify(tokens, patch_size, ae.embed_dim) / scale
+    images = ae.apply({"params": frozen}, latents, method=ae.decode).astype(jnp.float32)
+    return jnp.clip(jnp.round((jnp.clip(images, -1, 1) + 1) * 127.5), 0, 255).astype(jnp.uint8)
+
+  return decode
+
+
+def tokenizer_loader(tokenizer_workdir: str):
+  """() -> the tokenizer run's autoencoder params, restored from its own config and checkpoint."""
+
+  def load():
+    from ardiff_jax.sampling.run import restore_run_params  # pylint: disable=g-import-not-at-top
+    if not tokenizer_workdir:
+      raise ValueError("tokenizer_workdir is empty: point it at the tokenizer run whose decoder "
+                       "turns tokens into images (e.g. workdirs/demo/kl)")
+    return restore_run_params(tokenizer_workdir)["ae"]
+
+  return load
+
+
+def no_decay_in_head(params):
+  """AdamW decays ≥2-D tensors (kernels, embeddings, positional embeddings, mask token, fake latent),
+  never biases, norms or anything in the DiffLoss head (MAR's `add_weight_decay`)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim >= 2 and not any(getattr(k, "key", None) == "diffloss" for k in path),
+      params)
+
+
+def use_digits_run(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict, steps: int,
+                   tiny: bool) -> None:
+  """The demo's training and sampling sizes for a digits generator (a minutes-long CPU run):
+  lr 1e-3 rather than 1e-4·B/256, EMA 0.999 (0.9999 needs ~100k steps), 50 DDPM steps, CFG 2."""
+  section.num_sampling_steps = "50"
+  c.train.num_steps = steps
+  c.train.log_every = 100
+  c.train.ckpt_every = 1000
+  c.train.ema_decay = 0.999
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 200
+  c.sample.num_samples = c.sample.batch_size = 100
+  c.sample.cfg_scale = 2.0
+  c.eval.num_samples, c.eval.batch_size = 1000, 100
+  if tiny:
+    section.num_sampling_steps = "5"
+    c.train.num_steps, c.train.batch_size, c.train.log_every, c.train.ckpt_every = 3, 16, 1, 3
+    c.sample.num_samples, c.sample.batch_size = 20, 16
+    c.eval.num_samples, c.eval.batch_size = 40, 16
+
+
+def use_digits_latents(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
+                       tokenizer_workdir: str, tiny: bool) -> None:
+  """Points a generator config at the digits demo tokenizer (`configs/kl_digits.py`) and its cache.
+
+  32 px digits -> 8×8×4 latents -> 2×2 patches: 16 tokens of 16 dims (tiny: the 16 px two-level
+  tokenizer, 8×8×4 latents, patch 1: 64 tokens of 4 dims). The scale is 1/std of the cache.
+  Evaluation reads the digits images themselves (`eval.data`).
+  """
+  from ardiff_jax import configlib  # pylint: disable=g-import-not-at-top
+  from ardiff_jax.tokenizers.train import tokenizer_config  # pylint: disable=g-import-not-at-top
+  c.tokenizer = tokenizer_config("kl_tiny")
+  c.tokenizer.overrides = dict(enc_ch=16, dec_ch=16, resolution=32)
+  c.tokenizer.latent_scale = 0.0
+  section.tokenizer_workdir = tokenizer_workdir
+  section.patch_size = 2
+  c.data.source = "cached"
+  c.data.path = tokenizer_workdir + "/cache"
+  c.data.image_size = 32
+  c.data.random_flip = False               # digits are not mirror-symmetric
+  c.eval.data = ml_collections.ConfigDict(configlib.base_config().data.to_dict())
+  c.eval.data.source = "digits"
+  c.eval.data.image_size = 32
+  c.eval.data.random_flip = False
+  if tiny:
+    c.tokenizer.overrides = dict(enc_ch=16, dec_ch=16, enc_ch_mult=(1, 2), dec_ch_mult=(1, 2),
+                                 enc_attn_resolutions=(), resolution=16)
+    c.data.image_size = c.eval.data.image_size = 16
+    section.patch_size = 1

@@ -1,0 +1,198 @@
+"""LlamaGen's class-conditional GPT (reference/llamagen_star.md §1.2), here over continuous tokens.
+
+Sequence: [class token, x_1 … x_{L−1}] (teacher forcing); the hidden state at position i is the
+condition for token i (a DiffLoss head for continuous tokens, logits for VQ codes).
+Block (Llama): h += Drop(W_o · Attn(RoPE₂D(RMSNorm(h)))), h += Drop(W₂(SiLU(W₁ x) ⊙ W₃ x)) with
+x = RMSNorm(h); RMSNorm eps 1e-5 in float32; bias-free projections, fused W_qkv; SwiGLU hidden
+int(2·4D/3) rounded up to a multiple of 256. 2D RoPE: half of each head's pairs rotate with the
+row index, half with the column index (base 10000), on *interleaved* pairs (x[2i], x[2i+1]);
+the class-token prefix gets the all-zero table (cos = sin = 0), LlamaGen's quirk that zeroes its
+query and key. Class table: num_classes + 1 rows, the last one the null class for CFG.
+Dropout: token-embedding 0.1, residual 0.1, FFN 0.1, no attention-probability dropout.
+Init: Linear and embeddings N(0, 0.02).
+Decoding uses a static per-layer KV cache (`decode_step`), equal to the full causal forward.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ardiff_jax.models import vit
+from ardiff_jax.models.diffloss import SimpleMLPAdaLN
+
+_init = nn.initializers.normal(0.02)
+
+PRESETS: dict[str, dict] = {
+    # layers / width / heads (LlamaGen c2i sizes); the DiffLoss head as MAR's B/L/H/H.
+    "gpt_b": dict(depth=12, width=768, num_heads=12, head_depth=6, head_width=1024),
+    "gpt_l": dict(depth=24, width=1024, num_heads=16, head_depth=8, head_width=1280),
+    "gpt_xl": dict(depth=36, width=1280, num_heads=20, head_depth=12, head_width=1536),
+    "gpt_xxl": dict(depth=48, width=1536, num_heads=24, head_depth=12, head_width=1536),
+    # CPU sizes (ours).
+    "gpt_small": dict(depth=4, width=128, num_heads=4, head_depth=2, head_width=128),
+    "gpt_tiny": dict(depth=1, width=32, num_heads=2, head_depth=1, head_width=32),
+}
+
+
+def make_gpt(preset: str, *, token_dim: int, seq_len: int, num_classes: int, **overrides) -> "GPT":
+  if preset not in PRESETS:
+    raise ValueError(f"unknown GPT preset {preset!r}; valid presets: {sorted(PRESETS)}")
+  return GPT(token_dim=token_dim, seq_len=seq_len, num_classes=num_classes,
+             **{**PRESETS[preset], **overrides})
+
+
+def ffn_hidden(width: int, multiple_of: int = 256) -> int:
+  hidden = int(2 * 4 * width / 3)
+  return multiple_of * math.ceil(hidden / multiple_of)
+
+
+def rope_2d_table(grid: int, head_dim: int, cls_tokens: int = 1, base: float = 10000.0) -> np.ndarray:
+  """[cls_tokens + grid², head_dim/2, 2] (cos, sin) per interleaved pair; zero rows for the prefix."""
+  half = head_dim // 2
+  freqs = 1.0 / (base ** (np.arange(0, half, 2)[: half // 2].astype(np.float64) / half))
+  t = np.arange(grid, dtype=np.float64)
+  f = np.outer(t, freqs)                                            # [grid, half/2]
+  grid_f = np.concatenate([np.broadcast_to(f[:, None, :], (grid, grid, half // 2)),
+                           np.broadcast_to(f[None, :, :], (grid, grid, half // 2))], axis=-1)
+  table = np.stack([np.cos(grid_f), np.sin(grid_f)], axis=-1).reshape(grid * grid, half, 2)
+  return np.concatenate([np.zeros((cls_tokens, half, 2)), table]).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, table: jax.Array) -> jax.Array:
+  """x [B, T, H, hd] rotated pairwise by table [T, hd/2, 2] (interleaved pairs, gpt-fast style)."""
+  xs = x.astype(jnp.float32).reshape(x.shape[:-1] + (-1, 2))
+  cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+  out = jnp.stack([xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], -1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                   (x.shape[-1],))
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * w).astype(x.dtype)
+
+
+def _dense(features, axes, name, dtype):
+  return vit.dense(features, axes, name, dtype, use_bias=False, init=_init)
+
+
+class Block(nn.Module):
+  width: int
+  num_heads: int
+  dropout: float = 0.1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, rope, *, cache=None, cache_index=None, deterministic=True):
+    """x [B, T, D]; rope [T, hd/2, 2]. Without a cache: causal attention over the T positions.
+    With cache (k, v) [B, S, H, hd]: writes this step's keys/values at `cache_index` and attends
+    to positions ≤ cache_index + t. Returns (x, new cache)."""
+    b, t, _ = x.shape
+    hd = self.width // self.num_heads
+    h = RMSNorm(name="attention_norm")(x)
+    qkv = _dense(3 * self.width, ("embed", "heads"), "wqkv", self.dtype)(h)
+    q, k, v = (a.reshape(b, t, self.num_heads, hd) for a in jnp.split(qkv, 3, axis=-1))
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    if cache is None:
+      keys, values = k, v
+      allowed = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    else:
+      ck, cv = cache
+      keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+      values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+      cache = (keys, values)
+      q_pos = cache_index + jnp.arange(t)
+      allowed = (jnp.arange(keys.shape[1])[None, :] <= q_pos[:, None])[None, None]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, keys).astype(jnp.float32) / math.sqrt(hd)
+    probs = jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), values).reshape(b, t, self.width)
+    out = _dense(self.width, ("heads", "embed"), "wo", self.dtype)(out)
+    x = x + nn.Dropout(self.dropout)(out, deterministic=deterministic)
+    h = RMSNorm(name="ffn_norm")(x)
+    hidden = ffn_hidden(self.width)
+    g = nn.silu(_dense(hidden, ("embed", "mlp"), "w1", self.dtype)(h)) * \
+        _dense(hidden, ("embed", "mlp"), "w3", self.dtype)(h)
+    g = _dense(self.width, ("mlp", "embed"), "w2", self.dtype)(nn.Dropout(self.dropout)(g, deterministic=deterministic))
+    x = x + nn.Dropout(self.dropout)(g, deterministic=deterministic)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
+
+
+class GPT(nn.Module):
+  """Continuous-token GPT: (tokens [B, L, C], labels [B]) -> conditions [B, L, D] for the head."""
+  token_dim: int
+  seq_len: int
+  num_classes: int
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  dropout: float = 0.1           # token-embedding, residual and FFN dropout
+  head_depth: int = 6            # DiffLoss MLP (MAR's head; the condition-refinement paper's "GPT-XL")
+  head_width: int = 1024
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.diffloss = SimpleMLPAdaLN(self.token_dim, self.head_width, self.head_depth, self.dtype)
+    self.cls_embedding = nn.Embed(self.num_classes + 1, self.width, name="cls_embedding",
+                                  embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
+    self.tok_embeddings = _dense(self.width, (None, "embed"), "tok_embeddings", self.dtype)
+    self.layers = [Block(self.width, self.num_heads, self.dropout, self.dtype, name=f"layers_{i}")
+                   for i in range(self.depth)]
+    self.norm = RMSNorm(name="norm")
+    self.tok_dropout = nn.Dropout(self.dropout)
+    grid = int(round(math.sqrt(self.seq_len)))
+    if grid * grid != self.seq_len:
+      raise ValueError(f"seq_len={self.seq_len} is not a square token grid")
+    self.rope = jnp.asarray(rope_2d_table(grid, self.width // self.num_heads))
+
+  def embed(self, tokens, labels, deterministic):
+    """[class, x_1 … x_{T−1}] embeddings: labels [B] (num_classes = null), tokens [B, T−1, C]."""
+    cls = self.cls_embedding(labels)[:, None].astype(self.dtype)
+    x = jnp.concatenate([cls, self.tok_embeddings(tokens.astype(self.dtype))], axis=1)
+    return self.tok_dropout(x, deterministic=deterministic)
+
+  def __call__(self, tokens, labels, deterministic: bool = True):
+    """Teacher forcing: tokens [B, L, C] -> z [B, L, D], z_i conditioning token i on x_<i."""
+    x = self.embed(tokens[:, :-1], labels, deterministic)
+    for layer in self.layers:
+      x, _ = layer(x, self.rope[: x.shape[1]], deterministic=deterministic)
+    return self.norm(x)
+
+  def head(self, x_t, t, z):
+    """The DiffLoss MLP: (x_t [N, C], t [N], z [N, D]) -> [N, 2C]."""
+    return self.diffloss(x_t, t, z)
+
+  def init_all(self, batch: int = 1):
+    z = self(jnp.zeros((batch, self.seq_len, self.token_dim)), jnp.zeros((batch,), jnp.int32))
+    return self.head(jnp.zeros((batch, self.token_dim)), jnp.zeros((batch,), jnp.int32), z[:, 0])
+
+  def init_cache(self, batch: int, dtype=jnp.float32):
+    """Per-layer (k, v) [B, L+1, H, hd]: the class token, L−1 teacher tokens and one spare slot,
+    so the decode loop can run a uniform L steps."""
+    hd = self.width // self.num_heads
+    shape = (batch, self.seq_len + 1, self.num_heads, hd)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.depth)]
+
+  def decode_step(self, x_emb, index, cache):
+    """One cached step: x_emb [B, T, D] at positions index..index+T−1 -> (z [B, T, D], cache)."""
+    rope = jax.lax.dynamic_slice_in_dim(self.rope, index, x_emb.shape[1], axis=0)
+    new_cache = []
+    for layer, c in zip(self.layers, cache):
+      x_emb, c = layer(x_emb, rope, cache=c, cache_index=index)
+      new_cache.append(c)
+    return self.norm(x_emb), new_cache
+
+  def embed_class(self, labels):
+    return self.cls_embedding(labels)[:, None].astype(self.dtype)
+
+  def embed_tokens(self, tokens):
+    return self.tok_embeddings(tokens.astype(self.dtype))
