@@ -164,3 +164,31 @@ def use_digits_latents(c: ml_collections.ConfigDict, section: ml_collections.Con
                                  enc_attn_resolutions=(), resolution=16)
     c.data.image_size = c.eval.data.image_size = 16
     section.patch_size = 1
+
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def use_imagenet_kl16(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict, *,
+                      kl: str, cache: str, batch: int, epochs: int) -> None:
+  """ImageNet 256 through MAR's KL-16 (×0.2325, patch 1: 256 tokens × 16) from cached moments,
+  `epochs` epochs with MAR's 100-epoch warmup, bf16 compute, 50k-sample evaluation."""
+  from ardiff_jax.tokenizers.train import tokenizer_config  # pylint: disable=g-import-not-at-top
+  c.tokenizer = tokenizer_config("kl16")
+  c.tokenizer.latent_scale = 0.2325
+  section.tokenizer_workdir = kl
+  c.data.source = "cached"
+  c.data.path = cache
+  c.data.image_size = 256
+  c.data.num_classes = 1000
+  c.data.eval_split = "validation"
+  c.data.num_workers = 8
+  steps_per_epoch = IMAGENET_TRAIN_IMAGES // batch
+  c.train.num_steps = epochs * steps_per_epoch
+  c.optim.warmup_steps = 100 * steps_per_epoch
+  c.train.compute_dtype = "bfloat16"
+  c.train.log_every = 100
+  c.train.ckpt_every = 5000
+  c.sample.batch_size = 256
+  c.eval.num_samples = 50000
+  c.eval.batch_size = 256
