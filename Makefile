@@ -16,11 +16,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# Trains the KL tokenizer on scikit-learn's bundled digits, then writes reconstructions.
+# The whole chain on scikit-learn's bundled digits: the KL tokenizer (and its reconstructions),
+# its latent cache, MAR on those latents, class-conditional samples and their evaluation.
+KL := --config configs/kl_digits.py --workdir $(DEMO_DIR)/kl
+MAR := --config configs/mar_digits.py:kl=$(DEMO_DIR)/kl --workdir $(DEMO_DIR)/mar
 demo: $(STAMP)
-	$(BIN)/python -m ardiff_jax.main --config configs/kl_digits.py --workdir $(DEMO_DIR)/kl --mode train
-	$(BIN)/python -m ardiff_jax.main --config configs/kl_digits.py --workdir $(DEMO_DIR)/kl --mode sample
-	@echo "Pictures: $(DEMO_DIR)/kl/samples/ (originals next to reconstructions); metrics: $(DEMO_DIR)/kl/metrics.jsonl"
+	$(BIN)/python -m ardiff_jax.main $(KL) --mode train
+	$(BIN)/python -m ardiff_jax.main $(KL) --mode sample
+	$(BIN)/python -m ardiff_jax.main $(KL) --mode cache
+	$(BIN)/python -m ardiff_jax.main $(MAR) --mode train
+	$(BIN)/python -m ardiff_jax.main $(MAR) --mode sample
+	$(BIN)/python -m ardiff_jax.main $(MAR) --mode eval
+	@echo "Pictures: $(DEMO_DIR)/mar/samples/grid_*.png (one row per digit class) and"
+	@echo "          $(DEMO_DIR)/kl/samples/grid_*.png (originals next to reconstructions)."
+	@echo "Metrics:  $(DEMO_DIR)/mar/eval/*.json (FD-clf, class accuracy, precision/recall)."
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

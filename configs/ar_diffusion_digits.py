@@ -11,7 +11,7 @@ from ardiff_jax.methods.latent_tokens import use_digits_latents, use_digits_run
 
 
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, steps=3000, batch=64, kl="workdirs/demo/kl", tiny=False)
+  a = configlib.parse_arg(arg, steps=1500, batch=64, kl="workdirs/demo/kl", tiny=False)
   c = ar_base_config("gpt_small", a.batch)
   use_digits_latents(c, c.ar, a.kl, a.tiny)
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import functools
 import glob
-import io
 import os
+import struct
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -225,22 +225,38 @@ def cached_shard_paths(root: str, split: str) -> list[str]:
   return paths
 
 
+_CACHED_MAGIC = b"ADJC1"
+_CACHED_HEADER = struct.Struct("<5s3Iq")   # magic, h, w, 2C, label
+
+
 def encode_cached_record(moments: np.ndarray, moments_flip: np.ndarray, label: int) -> bytes:
-  """One cache record: bytes of an `np.savez` with f32 [h, w, 2C] moments (+ flip) and label."""
-  moments = np.asarray(moments, dtype=np.float32)
-  moments_flip = np.asarray(moments_flip, dtype=np.float32)
+  """One cache record: a fixed header (magic, h, w, 2C, label) then the f32 little-endian bytes
+  of `moments` [h, w, 2C] and `moments_flip`.
+
+  A plain binary layout rather than `np.savez`: decoding needs no header parsing (NumPy parses
+  .npy headers with `ast`, which CPython 3.11 can fail to do concurrently in grain's threads).
+  """
+  moments = np.asarray(moments, dtype="<f4")
+  moments_flip = np.asarray(moments_flip, dtype="<f4")
   if moments.shape != moments_flip.shape or moments.ndim != 3:
     raise ValueError(f"moments and moments_flip must both be [h, w, 2C]; got {moments.shape} "
                      f"and {moments_flip.shape}.")
-  buffer = io.BytesIO()
-  np.savez(buffer, moments=moments, moments_flip=moments_flip, label=np.int64(label))
-  return buffer.getvalue()
+  header = _CACHED_HEADER.pack(_CACHED_MAGIC, *moments.shape, int(label))
+  return header + moments.tobytes() + moments_flip.tobytes()
 
 
 def decode_cached_record(data: bytes) -> dict[str, Any]:
-  """Inverse of `encode_cached_record` (no pickle: arrays only)."""
-  with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-    return {"moments": npz["moments"], "moments_flip": npz["moments_flip"], "label": int(npz["label"])}
+  """Inverse of `encode_cached_record`; a clear error for records of another format."""
+  if len(data) < _CACHED_HEADER.size or data[:len(_CACHED_MAGIC)] != _CACHED_MAGIC:
+    raise ValueError("not an ardiff_jax cache record (unknown format or an older cache); "
+                     "rewrite the cache with --mode cache")
+  _, h, w, c, label = _CACHED_HEADER.unpack_from(data)
+  n = h * w * c
+  body = np.frombuffer(data, dtype="<f4", offset=_CACHED_HEADER.size)
+  if body.size != 2 * n:
+    raise ValueError(f"truncated cache record: expected {2 * n} floats, found {body.size}")
+  return {"moments": body[:n].reshape(h, w, c), "moments_flip": body[n:].reshape(h, w, c),
+          "label": int(label)}
 
 
 def write_cached_shard(filename: str, records: Iterable[Mapping[str, Any]]) -> int:

@@ -118,12 +118,21 @@ class GaussianDiffusion:
   def predict_x0(self, xt, t, eps):
     return self._at("sqrt_recip_ab", t, xt) * xt - self._at("sqrt_recipm1_ab", t, xt) * eps
 
-  def p_mean_variance(self, model_out: jax.Array, xt: jax.Array, t: jax.Array):
-    """model_out [.., 2C] = (ε̂, v) -> (mean, log-variance, x̂_0) of p(x_{t−1} | x_t); no clipping."""
+  def p_mean_variance(self, model_out: jax.Array, xt: jax.Array, t: jax.Array,
+                      clip_x0: float = 0.0):
+    """model_out [.., 2C] = (ε̂, v) -> (mean, log-variance, x̂_0) of p(x_{t−1} | x_t).
+
+    clip_x0 > 0 clips x̂_0 to [−clip_x0, clip_x0] (ADM's `clip_denoised` with a chosen range);
+    MAR does not clip (0). Near t = T, x̂_0 = (x_t − √(1−ᾱ)ε̂)/√ᾱ multiplies the error of ε̂ by
+    up to ~1/√ᾱ_T; a briefly trained head is not yet exact there, and clipping keeps its chain
+    from diverging.
+    """
     eps, v = jnp.split(model_out, 2, axis=-1)
     frac = (v + 1.0) / 2.0
     log_var = frac * self._at("log_betas", t, xt) + (1.0 - frac) * self._at("post_log_var", t, xt)
     x0 = self.predict_x0(xt, t, eps)
+    if clip_x0:
+      x0 = jnp.clip(x0, -clip_x0, clip_x0)
     mean, _ = self.q_posterior(x0, xt, t)
     return mean, log_var, x0
 
@@ -151,7 +160,7 @@ class GaussianDiffusion:
 
   # --- sampling ----------------------------------------------------------------------------
   def p_sample_loop(self, model_fn, noise: jax.Array, rng: jax.Array,
-                    temperature: float | jax.Array = 1.0) -> jax.Array:
+                    temperature: float | jax.Array = 1.0, clip_x0: float = 0.0) -> jax.Array:
     """Ancestral sampling from x_T = noise [N, C] down to x_0, one `lax.fori_loop`.
 
     model_fn(x_t, t) -> [N, 2C] receives the *original* timestep indices. Temperature τ scales only
@@ -166,7 +175,7 @@ class GaussianDiffusion:
       key, sub = jax.random.split(key)
       t_model = jnp.full(x.shape[:1], tmap[k], jnp.int32)
       t_local = jnp.full(x.shape[:1], k, jnp.int32)
-      mean, log_var, _ = self.p_mean_variance(model_fn(x, t_model), x, t_local)
+      mean, log_var, _ = self.p_mean_variance(model_fn(x, t_model), x, t_local, clip_x0)
       z = jax.random.normal(sub, x.shape, x.dtype)
       x = mean + jnp.where(k > 0, 1.0, 0.0) * jnp.exp(0.5 * log_var) * temperature * z
       return x, key

@@ -39,6 +39,8 @@ class Method:
       method returns their reconstructions.
     load_frozen: () -> weights the method uses but does not train (a tokenizer's decoder), loaded
       once by the sample and eval modes.
+    init_frozen: rng -> freshly initialised weights of the same structure (for `--mode bench`,
+      which measures speed without needing a trained tokenizer).
   """
   name: str
   model: Any
@@ -52,6 +54,7 @@ class Method:
   generate: Callable[..., jax.Array] | None = None
   generate_from: str = "labels"
   load_frozen: Callable[[], PyTree] | None = None
+  init_frozen: Callable[[jax.Array], PyTree] | None = None
 
 
 def _kl_tokenizer(config):

@@ -73,9 +73,11 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   def generate(params, frozen, batch, rng):
     tokens = sample_tokens(model, params, batch["label"], rng, diffusion=sample_diffusion,
                            cfg_scale=float(config.sample.cfg_scale), cfg_schedule=a.cfg_schedule,
-                           temperature=float(a.temperature))
+                           temperature=float(a.temperature),
+                           clip_x0=float(a.clip_denoised))
     return decode(frozen, tokens)
 
   return Method(name="ar_diffusion", model=model, init_params=init_params, loss_fn=loss_fn,
                 batch_keys=("moments", "label"), decay_mask=lt.no_decay_in_head, generate=generate,
-                generate_from="labels", load_frozen=lt.tokenizer_loader(a.tokenizer_workdir))
+                generate_from="labels", load_frozen=lt.tokenizer_loader(a.tokenizer_workdir),
+                init_frozen=lt.tokenizer_init(config))

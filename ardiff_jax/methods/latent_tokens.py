@@ -6,6 +6,7 @@ A generator's config section (`mar`, `ar`) holds `patch_size` and `tokenizer_wor
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,6 +26,7 @@ def generator_section(preset: str) -> ml_collections.ConfigDict:
   g.num_sampling_steps = "100"    # DDPM steps of the DiffLoss sampler (respaced from T = 1000)
   g.cfg_schedule = "linear"
   g.temperature = 1.0
+  g.clip_denoised = 0.0           # >0 clips the head's x̂_0 while sampling (MAR: no clipping)
   g.tokenizer_workdir = ""        # the trained tokenizer run whose decoder turns tokens into images
   return g
 
@@ -94,6 +96,13 @@ def make_decoder(config: ml_collections.ConfigDict, scale: float, patch_size: in
   return decode
 
 
+def tokenizer_init(config: ml_collections.ConfigDict):
+  """rng -> freshly initialised autoencoder params (the structure `tokenizer_loader` restores)."""
+  ae = build_autoencoder(config)
+  size = config.data.image_size
+  return lambda rng: nn.meta.unbox(ae.init(rng, jnp.zeros((1, size, size, 3)), rng)["params"])
+
+
 def tokenizer_loader(tokenizer_workdir: str):
   """() -> the tokenizer run's autoencoder params, restored from its own config and checkpoint."""
 
@@ -118,12 +127,17 @@ def no_decay_in_head(params):
 def use_digits_run(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict, steps: int,
                    tiny: bool) -> None:
   """The demo's training and sampling sizes for a digits generator (a minutes-long CPU run):
-  lr 1e-3 rather than 1e-4·B/256, EMA 0.999 (0.9999 needs ~100k steps), 50 DDPM steps, CFG 2."""
+  lr 1e-3 rather than 1e-4·B/256; samples from the raw weights, since an EMA of a run this short
+  still holds much of its initialisation (MAR's author: EMA needs ~100k steps); 50 DDPM steps, CFG 2;
+  x̂_0 clipped to ±5 while sampling (tokens have unit std and |x| < 3.1 in the cache): a head
+  trained for minutes is not exact enough at t ≈ T, where x̂_0 amplifies its error (MAR: no clip)."""
   section.num_sampling_steps = "50"
+  section.clip_denoised = 5.0
   c.train.num_steps = steps
   c.train.log_every = 100
   c.train.ckpt_every = 1000
   c.train.ema_decay = 0.999
+  c.sample.use_ema = False
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 200
   c.sample.num_samples = c.sample.batch_size = 100

@@ -89,9 +89,11 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     """Class-conditional samples: labels [B] -> uint8 images [B, H, W, 3] (EMA weights by default)."""
     tokens = sample_tokens(model, params, batch["label"], rng, diffusion=sample_diffusion,
                            schedule=schedule, cfg_scale=float(config.sample.cfg_scale),
-                           cfg_schedule=m.cfg_schedule, temperature=float(m.temperature))
+                           cfg_schedule=m.cfg_schedule, temperature=float(m.temperature),
+                           clip_x0=float(m.clip_denoised))
     return decode(frozen, tokens)
 
   return Method(name="mar", model=model, init_params=init_params, loss_fn=loss_fn,
                 batch_keys=("moments", "label"), decay_mask=decay_mask, generate=generate,
-                generate_from="labels", load_frozen=lt.tokenizer_loader(m.tokenizer_workdir))
+                generate_from="labels", load_frozen=lt.tokenizer_loader(m.tokenizer_workdir),
+                init_frozen=lt.tokenizer_init(config))

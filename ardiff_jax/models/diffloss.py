@@ -92,7 +92,7 @@ def diffloss_loss(head_fn, diffusion: gaussian.GaussianDiffusion, z: jax.Array, 
 
 
 def diffloss_sample(head_fn, in_channels: int, diffusion: gaussian.GaussianDiffusion, z: jax.Array,
-                    rng: jax.Array, temperature=1.0, cfg_scale=None) -> jax.Array:
+                    rng: jax.Array, temperature=1.0, cfg_scale=None, clip_x0: float = 0.0) -> jax.Array:
   """Samples tokens [N, C] given conditions z [N, D] by ancestral DDPM on `diffusion` (respaced).
 
   With `cfg_scale` (a scalar, possibly traced), z is [2M, D] = (conditional; unconditional) and the
@@ -105,7 +105,7 @@ def diffloss_sample(head_fn, in_channels: int, diffusion: gaussian.GaussianDiffu
   n_rng, s_rng = jax.random.split(rng)
   if cfg_scale is None:
     noise = jax.random.normal(n_rng, (z.shape[0], c), jnp.float32)
-    return diffusion.p_sample_loop(lambda x, t: head_fn(x, t, z), noise, s_rng, temperature)
+    return diffusion.p_sample_loop(lambda x, t: head_fn(x, t, z), noise, s_rng, temperature, clip_x0)
   half_n = z.shape[0] // 2
   noise = jax.random.normal(n_rng, (half_n, c), jnp.float32)
 
@@ -114,4 +114,4 @@ def diffloss_sample(head_fn, in_channels: int, diffusion: gaussian.GaussianDiffu
     eps_c, eps_u = out[:half_n, :c], out[half_n:, :c]
     return jnp.concatenate([eps_u + cfg_scale * (eps_c - eps_u), out[:half_n, c:]], axis=-1)
 
-  return diffusion.p_sample_loop(guided, noise, s_rng, temperature)
+  return diffusion.p_sample_loop(guided, noise, s_rng, temperature, clip_x0)

@@ -18,7 +18,8 @@ from ardiff_jax.models.gpt import GPT
 
 def sample_tokens(model: GPT, params, labels: jax.Array, rng: jax.Array, *,
                   diffusion: GaussianDiffusion, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
-                  temperature: float = 1.0, use_cfg: bool | None = None) -> jax.Array:
+                  temperature: float = 1.0, use_cfg: bool | None = None,
+                  clip_x0: float = 0.0) -> jax.Array:
   """labels int32 [B] -> tokens [B, L, C] in raster order."""
   b, l, c = labels.shape[0], model.seq_len, model.token_dim
   apply = lambda *a, **kw: model.apply({"params": params}, *a, **kw)
@@ -35,7 +36,7 @@ def sample_tokens(model: GPT, params, labels: jax.Array, rng: jax.Array, *,
       scale = cfg_scale if cfg_schedule == "constant" else 1.0 + (cfg_scale - 1.0) * (i + 1) / l
     else:
       scale = None
-    x = diffloss_sample(head_fn, c, diffusion, z, sub, temperature, scale)      # [B, C]
+    x = diffloss_sample(head_fn, c, diffusion, z, sub, temperature, scale, clip_x0)   # [B, C]
     tokens = jax.lax.dynamic_update_slice(tokens, x[:, None].astype(tokens.dtype), (0, i, 0))
     x_in = jnp.concatenate([x, x]) if use_cfg else x
     z_next, cache = apply(apply(x_in[:, None], method=GPT.embed_tokens), i + 1, cache,

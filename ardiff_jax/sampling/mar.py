@@ -33,7 +33,7 @@ def cfg_at(cfg_scale: float, schedule: str, mask_len: jax.Array, seq_len: int) -
 def sample_tokens(model: MAR, params, labels: jax.Array, rng: jax.Array, *,
                   diffusion: GaussianDiffusion, schedule: ARSchedule, cfg_scale: float = 1.0,
                   cfg_schedule: str = "linear", temperature: float = 1.0,
-                  use_cfg: bool | None = None) -> jax.Array:
+                  use_cfg: bool | None = None, clip_x0: float = 0.0) -> jax.Array:
   """labels int32 [B] -> tokens [B, L, C].
 
   `cfg_scale` is static; guidance (the doubled batch) runs when `use_cfg`, by default when
@@ -67,7 +67,7 @@ def sample_tokens(model: MAR, params, labels: jax.Array, rng: jax.Array, *,
       gather_pos = jnp.concatenate([gather_pos, gather_pos])
     zsel = jnp.take_along_axis(z, gather_pos[..., None], axis=1).reshape(-1, z.shape[-1])
     scale = cfg_at(cfg_scale, cfg_schedule, cfg_len, l) if use_cfg else None
-    new = diffloss_sample(head_fn, c, diffusion, zsel, sub, temperature, scale)
+    new = diffloss_sample(head_fn, c, diffusion, zsel, sub, temperature, scale, clip_x0)
     new = new.reshape(b, k_max, c)
     tokens = tokens.at[jnp.arange(b)[:, None], write_pos].set(new.astype(tokens.dtype))
     return (tokens, key), None

@@ -10,6 +10,7 @@ import json
 import os
 import time
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -88,7 +89,7 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if flops and peak:
     # cost_analysis reports the per-device program's FLOPs.
     result["mfu"] = flops / step_time / peak
-  if exp.method.visualize is not None:
+  if exp.method.generate is not None:
     result.update(_bench_sampling(exp, holder["state"].ema_params, local, config))
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -99,16 +100,38 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return result
 
 
+def _sampler_settings(config) -> dict:
+  """The sampling settings that decide its cost, as configured."""
+  out = {"cfg_scale": float(config.sample.cfg_scale)}
+  for section in ("mar", "ar"):
+    if section in config:
+      for key in ("num_ar_steps", "num_sampling_steps", "cfg_schedule", "temperature"):
+        if key in config[section]:
+          out[key] = config[section][key]
+  return out
+
+
 def _bench_sampling(exp, params, local_batch, config) -> dict:
-  """Throughput of the method's sampler (`visualize`) at `sample.batch_size`."""
+  """Throughput of `Method.generate` at `sample.batch_size` (generated images per second,
+  the tokenizer's decode included; its weights are freshly initialised: only speed is measured)."""
   n = config.sample.batch_size
-  reps = -(-n // len(local_batch["label"]))
-  batch = {k: np.concatenate([v] * reps)[:n] for k, v in local_batch.items()}
-  fn = jax.jit(exp.method.visualize)
+  if exp.method.generate_from == "labels":
+    batch = {"label": (np.arange(n) % config.data.num_classes).astype(np.int32)}
+  else:
+    reps = -(-n // len(local_batch["label"]))
+    batch = {k: np.concatenate([v] * reps)[:n] for k, v in local_batch.items()}
+  frozen = exp.method.init_frozen(jax.random.key(1)) if exp.method.init_frozen else None
+  rules = exp.rules
+
+  def gen(p, f, b, r):
+    with nn.logical_axis_rules(rules):
+      return exp.method.generate(p, f, b, r)
+
   rng = jax.random.key(0)
   t0 = time.perf_counter()
-  compiled = fn.lower(params, batch, rng).compile()
+  compiled = jax.jit(gen).lower(params, frozen, batch, rng).compile()
   compile_time = time.perf_counter() - t0
-  jax.block_until_ready(compiled(params, batch, rng))
-  t = _time(lambda: compiled(params, batch, rng), max(1, config.bench.steps // 2))
-  return {"sample_img_per_s": n / t, "sample_batch_size": n, "sample_compile_time_s": compile_time}
+  jax.block_until_ready(compiled(params, frozen, batch, rng))
+  t = _time(lambda: compiled(params, frozen, batch, rng), max(1, config.bench.steps // 2))
+  return {"sample_img_per_s": n / t, "sample_batch_size": n, "sample_compile_time_s": compile_time,
+          "sampler": _sampler_settings(config)}

@@ -157,3 +157,21 @@ def test_cached_missing_and_empty_messages(tmp_path):
   (tmp_path / "train").mkdir()
   with pytest.raises(ValueError, match=r"holds no '\*\.array_record' shards"):
     sources.CachedSource(str(tmp_path), "train")
+
+
+def test_cached_record_errors_name_the_fix():
+  with pytest.raises(ValueError, match="rewrite the cache with --mode cache"):
+    sources.decode_cached_record(b"PK\x03\x04 an npz from an older cache")
+  good = sources.encode_cached_record(np.ones((2, 2, 4)), np.ones((2, 2, 4)), 3)
+  with pytest.raises(ValueError, match="truncated cache record"):
+    sources.decode_cached_record(good[:-4])
+
+
+def test_cached_records_decode_concurrently():
+  # grain decodes records from several threads; the format must not depend on thread-unsafe parsing.
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  data = [sources.encode_cached_record(np.full((4, 4, 8), i, np.float32), np.zeros((4, 4, 8)), i)
+          for i in range(64)]
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    out = list(pool.map(sources.decode_cached_record, data * 50))
+  assert all(o["label"] == i % 64 and o["moments"][0, 0, 0] == i % 64 for i, o in enumerate(out))

@@ -122,3 +122,15 @@ def test_bad_eval_source_names_the_choices(config, tmp_path):
   config.eval.source = "real_test"
   with pytest.raises(ValueError, match="model.*real_train"):
     main_lib.run(config, str(tmp_path), "eval")
+
+
+def test_training_runs_the_evaluation_every_k_steps(config, tmp_path):
+  config.eval.every_steps, config.eval.num_samples, config.eval.num_real = 2, 16, 32
+  config.eval.batch_size = 16
+  main_lib.run(config, str(tmp_path), "train")          # 4 tiny steps
+  with open(tmp_path / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  evals = {r["step"]: r for r in rows if "eval/fd_clf" in r}
+  assert sorted(evals) == [2, 4]
+  assert all(np.isfinite(r["eval/fd_clf"]) and "eval/class_accuracy" in r for r in evals.values())
+  assert sorted(os.listdir(tmp_path / "eval")) == ["2.json", "4.json"]

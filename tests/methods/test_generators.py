@@ -76,3 +76,7 @@ def test_digits_chain_end_to_end(tmp_path):
   result = main_lib.run(config, mar_dir, "eval")
   assert result["num_samples"] == 40 and result["source"] == "model"
   assert np.isfinite(result["fd_clf"]) and 0 <= result["class_accuracy"] <= 1
+  config.bench.steps, config.bench.warmup_steps = 2, 1
+  bench = main_lib.run(config, mar_dir, "bench")
+  assert bench["train_img_per_s"] > 0 and bench["sample_img_per_s"] > 0
+  assert bench["sampler"]["num_ar_steps"] == 4 and bench["sampler"]["num_sampling_steps"] == "5"
