@@ -266,6 +266,7 @@ def get_feature_net(data_cfg: ml_collections.ConfigDict, f: ml_collections.Confi
   directory = cache_dir(data_cfg, f)
   config = classifier_train_config(data_cfg, f)
   result_path = os.path.join(directory, RESULT_FILE)
+  model, params = None, None
   if not os.path.exists(result_path):
     logging.info("training the %s feature net in %s (cached for later evaluations)",
                  data_cfg.source, directory)
@@ -281,7 +282,8 @@ def get_feature_net(data_cfg: ml_collections.ConfigDict, f: ml_collections.Confi
     logging.info("feature net %s: held-out accuracy %.4f", os.path.basename(directory), accuracy)
   with open(result_path) as fh:
     result = json.load(fh)
-  model, params = _restore_classifier(directory, config)
+  if params is None:   # restored once: just trained above, or from the cache
+    model, params = _restore_classifier(directory, config)
   print(f"feature net {result['name']}: held-out accuracy {result['accuracy']:.4f} "
         f"on {result['num_test_images']} {result['split']} images")
   return FeatureNet(result["name"], model, params, result["accuracy"], directory)

@@ -113,8 +113,7 @@ class Block(nn.Module):
       cache = (keys, values)
       q_pos = cache_index + jnp.arange(t)
       allowed = (jnp.arange(keys.shape[1])[None, :] <= q_pos[:, None])[None, None]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, keys).astype(jnp.float32) / math.sqrt(hd)
-    probs = jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    probs = vit.attention_weights(q, keys, allowed)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), values).reshape(b, t, self.width)
     out = _dense(self.width, ("heads", "embed"), "wo", self.dtype)(out)
     x = x + nn.Dropout(self.dropout)(out, deterministic=deterministic)

@@ -29,6 +29,15 @@ def layer_norm(name: str, dtype=jnp.float32):
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
 
 
+def attention_weights(q: jax.Array, k: jax.Array, allowed: jax.Array | None) -> jax.Array:
+  """Softmax attention probabilities [B, H, Q, K] in float32 from q [B, Q, H, hd], k [B, K, H, hd];
+  `allowed` (broadcastable to [B, H, Q, K], True = may attend) masks the rest out."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+  if allowed is not None:
+    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits, axis=-1)
+
+
 class Attention(nn.Module):
   dim: int
   num_heads: int
@@ -42,10 +51,7 @@ class Attention(nn.Module):
     qkv = dense(3 * self.dim, ("embed", "heads"), "qkv", self.dtype)(x)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, hd), 3, axis=2)
     q, k, v = (a[:, :, 0] for a in (q, k, v))                      # [B, N, H, hd]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * hd ** -0.5
-    if key_mask is not None:
-      logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = attention_weights(q, k, None if key_mask is None else key_mask[:, None, None, :])
     probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic).astype(self.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, self.dim)
     out = dense(self.dim, ("heads", "embed"), "proj", self.dtype)(out)
