@@ -125,6 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.every_steps = 0              # >0: run the evaluation during training every K steps
   c.eval.num_real = 0                 # held-out real images as reference (0: the whole split)
   c.eval.pr_k = 3                     # k of the k-NN manifolds (Kynkäänniemi et al. 2019)
+  c.eval.condition_error_samples = 128  # held-out images of the condition-error analysis (0: off;
+                                        # DiffLoss generators only, evals/condition_error.py)
+  c.eval.condition_error_score_t = 500  # timestep of the score-vs-AR-step fit
   c.eval.feature_net = feature_net_defaults()
   c.eval.inception_weights = ""       # converted FID Inception .npz (convert/inception.py)
   c.eval.fid_stats = ""               # reference mu/sigma .npz; "" -> from the held-out split

@@ -3,19 +3,23 @@
 The same tokens as `configs/mar_digits.py` (16 tokens of 16 dims), raster order, gpt_small
 (4 Llama blocks of width 128, head 2×128). Departures from the ImageNet recipe, for a short CPU
 run: lr 1e-3, EMA 0.999, 50 DDPM steps when sampling.
-Args: steps, batch, kl (the tokenizer run), tiny (a seconds-long smoke run for the tests).
+Args: steps, batch, kl (the tokenizer run), tiny (a seconds-long smoke run for the tests),
+condref (off | probe | loss | runtime: condition refinement, methods/condref.py).
 """
 from ardiff_jax import configlib
 from ardiff_jax.methods.ar_diffusion import ar_base_config
-from ardiff_jax.methods.latent_tokens import use_digits_latents, use_digits_run
+from ardiff_jax.methods.latent_tokens import (use_digits_condref, use_digits_latents,
+                                           use_digits_run)
 
 
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, steps=1500, batch=64, kl="workdirs/demo/kl", tiny=False)
+  a = configlib.parse_arg(arg, steps=1500, batch=64, kl="workdirs/demo/kl", tiny=False,
+                          condref="off")
   c = ar_base_config("gpt_small", a.batch)
   use_digits_latents(c, c.ar, a.kl, a.tiny)
 
   use_digits_run(c, c.ar, a.steps, a.tiny)
+  use_digits_condref(c, a.condref)
   if a.tiny:
     c.ar.preset = "gpt_tiny"
   return c

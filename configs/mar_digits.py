@@ -6,20 +6,24 @@ posteriors (`--mode cache`), then train this config. 32 px digits -> 8×8×4 lat
 Departures from MAR's ImageNet recipe, for a minutes-long CPU run (`latent_tokens.use_digits_run`):
 lr 1e-3 rather than 1e-4·B/256, raw weights rather than the EMA, 16 AR steps and 50 DDPM steps
 when sampling, x̂_0 clipped to ±5.
-Args: steps, batch, kl (the tokenizer run), tiny (a seconds-long smoke run for the tests).
+Args: steps, batch, kl (the tokenizer run), tiny (a seconds-long smoke run for the tests),
+condref (off | probe | loss | runtime: condition refinement, methods/condref.py).
 """
 from ardiff_jax import configlib
-from ardiff_jax.methods.latent_tokens import use_digits_latents, use_digits_run
+from ardiff_jax.methods.latent_tokens import (use_digits_condref, use_digits_latents,
+                                           use_digits_run)
 from ardiff_jax.methods.mar import mar_base_config
 
 
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, steps=1500, batch=64, kl="workdirs/demo/kl", tiny=False)
+  a = configlib.parse_arg(arg, steps=1500, batch=64, kl="workdirs/demo/kl", tiny=False,
+                          condref="off")
   c = mar_base_config("mar_small", a.batch)
   use_digits_latents(c, c.mar, a.kl, a.tiny)
   c.mar.num_ar_steps = 16
 
   use_digits_run(c, c.mar, a.steps, a.tiny)
+  use_digits_condref(c, a.condref)
   if a.tiny:
     c.mar.preset = "mar_tiny"
     c.mar.num_ar_steps = 4

@@ -115,6 +115,10 @@ class GaussianDiffusion:
     mean = self._at("post_coef1", t, xt) * x0 + self._at("post_coef2", t, xt) * xt
     return mean, jnp.broadcast_to(self._at("post_log_var", t, xt), xt.shape)
 
+  def noise_std(self, t: int) -> float:
+    """σ_t = √(1 − ᾱ_t): the std of the noise in x_t (float64 table)."""
+    return float(self._tables["sqrt_1m_ab"][t])
+
   def predict_x0(self, xt, t, eps):
     return self._at("sqrt_recip_ab", t, xt) * xt - self._at("sqrt_recipm1_ab", t, xt) * eps
 

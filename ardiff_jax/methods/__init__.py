@@ -41,6 +41,10 @@ class Method:
       once by the sample and eval modes.
     init_frozen: rng -> freshly initialised weights of the same structure (for `--mode bench`,
       which measures speed without needing a trained tokenizer).
+    sampling_params: (params, extras) -> what `generate` receives as `params`: the weights plus any
+      method-owned state sampling reads (condition refinement's reference queue). Identity by default.
+    condition_probe: a `methods.condref.ConditionProbe` for the condition-error analysis
+      (DiffLoss generators), else None.
   """
   name: str
   model: Any
@@ -55,6 +59,8 @@ class Method:
   generate_from: str = "labels"
   load_frozen: Callable[[], PyTree] | None = None
   init_frozen: Callable[[jax.Array], PyTree] | None = None
+  sampling_params: Callable[[PyTree, dict], PyTree] = lambda params, extras: params
+  condition_probe: Any = None
 
 
 def _kl_tokenizer(config):

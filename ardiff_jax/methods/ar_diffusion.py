@@ -16,6 +16,7 @@ import ml_collections
 
 from ardiff_jax.diffusion.gaussian import create_diffusion
 from ardiff_jax.methods import Method
+from ardiff_jax.methods import condref
 from ardiff_jax.methods import latent_tokens as lt
 from ardiff_jax.models import gpt as gpt_lib
 from ardiff_jax.models.diffloss import diffloss_loss
@@ -51,9 +52,11 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   train_diffusion = create_diffusion(1000)
   sample_diffusion = create_diffusion(1000, a.num_sampling_steps)
   decode = lt.make_decoder(config, scale, a.patch_size)
+  refinement = condref.for_generator(config, model)
 
   def init_params(rng):
-    return model.init(rng, method=gpt_lib.GPT.init_all)["params"]
+    own = model.init(rng, method=gpt_lib.GPT.init_all)["params"]
+    return {**own, **refinement.init_params(jax.random.fold_in(rng, 1))}
 
   def loss_fn(params, batch, rng, step, extras):
     del step
@@ -62,22 +65,45 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     b = tokens.shape[0]
     drop = jax.random.uniform(r_drop, (b,)) < a.label_drop
     labels = jnp.where(drop, config.data.num_classes, batch["label"])
-    apply = lambda *args, **kw: model.apply({"params": params}, *args, **kw)
+    own = condref.generator_params(params)
+    apply = lambda *args, **kw: model.apply({"params": own}, *args, **kw)
     z = apply(tokens, labels, deterministic=False, rngs={"dropout": r_dropout})
     head = lambda x, t, zz: apply(x, t, zz, method=gpt_lib.GPT.head)
-    loss, terms = diffloss_loss(head, train_diffusion, z.reshape(-1, z.shape[-1]),
-                                tokens.reshape(-1, token_dim), jnp.ones((b * seq_len,)), r_diff,
-                                a.diffusion_batch_mul)
-    return loss, terms, extras
+    fixed_head = lambda x, t, zz: model.apply({"params": jax.lax.stop_gradient(own)}, x, t, zz,
+                                              method=gpt_lib.GPT.head)
+    weights = jnp.ones((b, seq_len))
+    z_head, extra, ref_terms, extras = refinement.training_terms(
+        params, z, tokens, labels, batch["label"], weights, extras, jax.random.fold_in(rng, 7),
+        fixed_head)
+    loss, terms = diffloss_loss(head, train_diffusion, z_head, tokens.reshape(-1, token_dim),
+                                weights.reshape(-1), r_diff, a.diffusion_batch_mul)
+    return loss + extra, dict(terms, **ref_terms), extras
+
+  def probe_conditions(params, moments, labels, rng):
+    """Teacher-forced conditions: z_i sees x_<i; step i is position i (raster order)."""
+    own = condref.generator_params(params)
+    tokens = lt.tokens_from_moments(moments, rng, scale, a.patch_size)
+    z = model.apply({"params": own}, tokens, labels)
+    z_null = model.apply({"params": own}, tokens, jnp.full_like(labels, config.data.num_classes))
+    step = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), tokens.shape[:2])
+    return {"tokens": tokens, "z": z, "z_null": z_null, "step": step}
+
+  probe = condref.ConditionProbe(
+      conditions=probe_conditions,
+      head=lambda p, x, t, z: model.apply({"params": condref.generator_params(p)}, x, t, z,
+                                          method=gpt_lib.GPT.head),
+      num_steps=seq_len, refinement=refinement)
 
   def generate(params, frozen, batch, rng):
-    tokens = sample_tokens(model, params, batch["label"], rng, diffusion=sample_diffusion,
-                           cfg_scale=float(config.sample.cfg_scale), cfg_schedule=a.cfg_schedule,
-                           temperature=float(a.temperature),
-                           clip_x0=float(a.clip_denoised))
+    tokens = sample_tokens(model, condref.generator_params(params), batch["label"], rng,
+                           diffusion=sample_diffusion, cfg_scale=float(config.sample.cfg_scale),
+                           cfg_schedule=a.cfg_schedule, temperature=float(a.temperature),
+                           clip_x0=float(a.clip_denoised),
+                           refine_fn=refinement.sampling_refiner(params))
     return decode(frozen, tokens)
 
   return Method(name="ar_diffusion", model=model, init_params=init_params, loss_fn=loss_fn,
                 batch_keys=("moments", "label"), decay_mask=lt.no_decay_in_head, generate=generate,
                 generate_from="labels", load_frozen=lt.tokenizer_loader(a.tokenizer_workdir),
-                init_frozen=lt.tokenizer_init(config))
+                init_frozen=lt.tokenizer_init(config), init_extras=refinement.init_extras,
+                sampling_params=refinement.sampling_params, condition_probe=probe)

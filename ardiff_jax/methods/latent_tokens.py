@@ -39,9 +39,11 @@ def generator_base_config(method: str, section_name: str, section: ml_collection
   Dataset configs set the tokenizer, the data paths, the steps and the warmup (100 epochs in MAR).
   """
   from ardiff_jax import configlib  # pylint: disable=g-import-not-at-top
+  from ardiff_jax.methods.condref import condref_config  # pylint: disable=g-import-not-at-top
   c = configlib.base_config()
   c.method = method
   c[section_name] = section
+  c.condref = condref_config()   # condition refinement (methods/condref.py), off by default
   c.train.batch_size = batch_size
   c.train.ema_decay = 0.9999
   c.optim.lr = 1e-4 * batch_size / 256
@@ -178,6 +180,14 @@ def use_digits_latents(c: ml_collections.ConfigDict, section: ml_collections.Con
                                  enc_attn_resolutions=(), resolution=16)
     c.data.image_size = c.eval.data.image_size = 16
     section.patch_size = 1
+
+
+def use_digits_condref(c: ml_collections.ConfigDict, mode: str) -> None:
+  """Condition refinement sized for a digits batch (64 images × 16 tokens = 1,024 conditions, of
+  which MAR's mask leaves ≥ 70% loss-bearing): fit on 512 of them against 1,024 of a 4,096-entry
+  queue that 256 conditions join per step (full after 16 steps)."""
+  c.condref.mode = mode
+  c.condref.update(num_points=512, num_reference=1024, queue_size=4096, push_per_step=256)
 
 
 IMAGENET_TRAIN_IMAGES = 1_281_167

@@ -19,8 +19,10 @@ from ardiff_jax.models.gpt import GPT
 def sample_tokens(model: GPT, params, labels: jax.Array, rng: jax.Array, *,
                   diffusion: GaussianDiffusion, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
                   temperature: float = 1.0, use_cfg: bool | None = None,
-                  clip_x0: float = 0.0) -> jax.Array:
-  """labels int32 [B] -> tokens [B, L, C] in raster order."""
+                  clip_x0: float = 0.0, refine_fn=None) -> jax.Array:
+  """labels int32 [B] -> tokens [B, L, C] in raster order. `refine_fn(z [n, D], labels [n]
+  (num_classes = null), positions [n], fit weights [n], rng) -> z` (condition refinement, runtime mode) acts on
+  every step's conditions before the head."""
   b, l, c = labels.shape[0], model.seq_len, model.token_dim
   apply = lambda *a, **kw: model.apply({"params": params}, *a, **kw)
   head_fn = lambda x, t, z: apply(x, t, z, method=GPT.head)
@@ -36,6 +38,9 @@ def sample_tokens(model: GPT, params, labels: jax.Array, rng: jax.Array, *,
       scale = cfg_scale if cfg_schedule == "constant" else 1.0 + (cfg_scale - 1.0) * (i + 1) / l
     else:
       scale = None
+    if refine_fn is not None:
+      z = refine_fn(z, cond, jnp.full(cond.shape, i), jnp.ones(cond.shape),
+                    jax.random.fold_in(sub, 1))
     x = diffloss_sample(head_fn, c, diffusion, z, sub, temperature, scale, clip_x0)   # [B, C]
     tokens = jax.lax.dynamic_update_slice(tokens, x[:, None].astype(tokens.dtype), (0, i, 0))
     x_in = jnp.concatenate([x, x]) if use_cfg else x

@@ -33,19 +33,24 @@ def cfg_at(cfg_scale: float, schedule: str, mask_len: jax.Array, seq_len: int) -
 def sample_tokens(model: MAR, params, labels: jax.Array, rng: jax.Array, *,
                   diffusion: GaussianDiffusion, schedule: ARSchedule, cfg_scale: float = 1.0,
                   cfg_schedule: str = "linear", temperature: float = 1.0,
-                  use_cfg: bool | None = None, clip_x0: float = 0.0) -> jax.Array:
+                  use_cfg: bool | None = None, clip_x0: float = 0.0,
+                  refine_fn=None) -> jax.Array:
   """labels int32 [B] -> tokens [B, L, C].
 
   `cfg_scale` is static; guidance (the doubled batch) runs when `use_cfg`, by default when
-  cfg_scale ≠ 1 (with scale 1 both paths give the same tokens).
+  cfg_scale ≠ 1 (with scale 1 both paths give the same tokens). `refine_fn(z [n, D], labels [n]
+  (num_classes = null), positions [n], fit weights [n], rng) -> z` (condition refinement, runtime mode) acts on the
+  conditions of every step before the head.
   """
   b, l, c = labels.shape[0], model.seq_len, model.token_dim
   apply = lambda *a, **kw: model.apply({"params": params}, *a, **kw)
   head_fn = lambda x, t, z: apply(x, t, z, method=MAR.head)
   use_cfg = cfg_scale != 1.0 if use_cfg is None else use_cfg
   cls = apply(labels, method=MAR.class_embedding)
+  cond_labels = labels
   if use_cfg:
     cls = jnp.concatenate([cls, apply(b, method=MAR.null_embedding)])
+    cond_labels = jnp.concatenate([labels, jnp.full_like(labels, model.num_classes)])
   order_rng, loop_rng = jax.random.split(rng)
   orders = sample_orders(order_rng, b, l)
   k_max = schedule.max_per_step
@@ -66,6 +71,10 @@ def sample_tokens(model: MAR, params, labels: jax.Array, rng: jax.Array, *,
     if use_cfg:
       gather_pos = jnp.concatenate([gather_pos, gather_pos])
     zsel = jnp.take_along_axis(z, gather_pos[..., None], axis=1).reshape(-1, z.shape[-1])
+    if refine_fn is not None:
+      row_labels = jnp.repeat(cond_labels, k_max)
+      fit = jnp.tile(valid, cond_labels.shape[0]).astype(jnp.float32)   # padding slots not fitted
+      zsel = refine_fn(zsel, row_labels, gather_pos.reshape(-1), fit, jax.random.fold_in(sub, 1))
     scale = cfg_at(cfg_scale, cfg_schedule, cfg_len, l) if use_cfg else None
     new = diffloss_sample(head_fn, c, diffusion, zsel, sub, temperature, scale, clip_x0)
     new = new.reshape(b, k_max, c)

@@ -22,11 +22,13 @@ from ardiff_jax.train.loop import build_experiment
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str, use_ema: bool):
-  """(experiment, params, step) of the newest checkpoint; the EMA weights when `use_ema`."""
+  """(experiment, params, step) of the newest checkpoint; the EMA weights when `use_ema`, with the
+  method-owned state sampling reads (`Method.sampling_params`)."""
   exp = build_experiment(config)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, async_save=False)
   state, step = checkpoint.restore(manager, exp.abstract_state)
-  return exp, (state.ema_params if use_ema else state.params), step
+  params = state.ema_params if use_ema else state.params
+  return exp, exp.method.sampling_params(params, state.extras), step
 
 
 def restore_run_params(workdir: str, use_ema: bool | None = None):

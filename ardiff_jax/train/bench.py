@@ -53,16 +53,15 @@ def _time(fn, steps: int) -> float:
   return (time.perf_counter() - t0) / steps
 
 
-def run_bench(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _measure_train_step(config: ml_collections.ConfigDict, local: dict):
+  """(experiment, state after the timed steps, compile s, step s, FLOPs) of the real train step."""
   exp = build_experiment(config)
   state = init_state(config.seed, exp.method, exp.tx, exp.shardings)
-  local = next(train_data_iter(config))
   batch = shd.global_batch({k: local[k] for k in exp.method.batch_keys}, exp.mesh)
   step_fn = jit_train_step(exp.method, exp.tx, exp.schedule, config, exp.mesh, exp.shardings)
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_time = time.perf_counter() - t0
-  flops = _flops(compiled)
   holder = {"state": state}
 
   def one_step():
@@ -71,6 +70,23 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   _time(one_step, config.bench.warmup_steps)
   step_time = _time(one_step, config.bench.steps)
+  return exp, holder["state"], compile_time, step_time, _flops(compiled)
+
+
+def _condref_share(config: ml_collections.ConfigDict, local: dict, step_time: float) -> dict:
+  """The condition refinement's share of the train step: 1 − t(refinement off) / t(on)."""
+  if "condref" not in config or config.condref.mode == "off":
+    return {}
+  off = config.copy_and_resolve_references()
+  off.condref.mode = "off"
+  *_, off_time, _ = _measure_train_step(off, local)
+  return {"condref_mode": config.condref.mode, "step_time_condref_off_s": off_time,
+          "condref_step_share": 1.0 - off_time / step_time}
+
+
+def run_bench(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  local = next(train_data_iter(config))
+  exp, state, compile_time, step_time, flops = _measure_train_step(config, local)
   result = {
       "method": config.method,
       "num_params": shd.count_params(state.params),
@@ -89,8 +105,10 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if flops and peak:
     # cost_analysis reports the per-device program's FLOPs.
     result["mfu"] = flops / step_time / peak
+  result.update(_condref_share(config, local, step_time))
   if exp.method.generate is not None:
-    result.update(_bench_sampling(exp, holder["state"].ema_params, local, config))
+    result.update(_bench_sampling(exp, exp.method.sampling_params(state.ema_params, state.extras),
+                                  local, config))
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "bench.json"), "w") as f:

@@ -177,7 +177,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 def _periodic_eval(config, workdir: str, state: TrainState, step: int) -> dict:
   """`--mode eval` on the in-memory weights; its scalars go to metrics.jsonl under `eval/`."""
   from ardiff_jax.evals.run import evaluate  # pylint: disable=g-import-not-at-top
+  from ardiff_jax.methods import get_method  # pylint: disable=g-import-not-at-top
   params = state.ema_params if config.sample.use_ema else state.params
+  params = get_method(config).sampling_params(params, state.extras)
   result = evaluate(config, workdir, params=params, step=step)
   return {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float)) and k != "step"}
 

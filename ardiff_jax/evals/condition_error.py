@@ -1,0 +1,189 @@
+"""Condition-error analysis of a DiffLoss generator (reference/condition_refinement_ott.md §2.4).
+
+On held-out tokens x₀ with the sampler's conditions c (ground truth as the already generated
+tokens), a fixed noise ε and x_t at a set of timesteps t:
+
+  denoising SNR      SNR_t(c)  = 10·log₁₀(E‖x₀‖² / E‖x̂₀(x_t, t, c) − x₀‖²)
+  noise intensity    N_t(c)    = E‖ε̂(x_t, t, c) − ε‖² / C
+  condition SNR      SNR_c(t)  = 10·log₁₀(E‖ε̂(·, c*)‖² / E‖ε̂(·, c) − ε̂(·, c*)‖²),
+                     c* = E_φ(x₀), the inverse encoder's ideal condition (runs with condref on or
+                     in `probe` mode)
+  score vs AR step   s_i = E‖ε̂(·, c_i) − ε̂(·, c_∅)‖ / σ_t at `score_t`, per AR step i (MAR
+                     iteration or raster index), fitted by s_i ≈ M·βⁱ + m (the paper's Thm 2
+                     claims β < 1)
+
+for each condition variant: `raw` (c), `refined` (R(c) against the run's queue, when it is full)
+and `ideal` (c*). Results go to `eval/condition_error_<step>.json` and a PNG of the three curves.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from ardiff_jax.diffusion.gaussian import create_diffusion
+from ardiff_jax.methods import condref as cr
+
+
+def default_timesteps(num: int = 10, total: int = 1000) -> list[int]:
+  """`num` timesteps evenly over [0, total − 1], high noise first."""
+  return [int(t) for t in np.linspace(total - 1, 0, num).round()]
+
+
+def fit_decay(steps: np.ndarray, s: np.ndarray) -> dict:
+  """Least-squares fit of s ≈ M·βˢᵗᵉᵖ + m over a grid of β ∈ (0, 1.2] (M, m in closed form)."""
+  steps, s = np.asarray(steps, np.float64), np.asarray(s, np.float64)
+  best = None
+  for beta in np.linspace(0.01, 1.2, 239):
+    basis = np.stack([beta ** (steps - steps.min()), np.ones_like(steps)], 1)
+    coef, *_ = np.linalg.lstsq(basis, s, rcond=None)
+    err = float(np.sum((basis @ coef - s) ** 2))
+    if best is None or err < best[0]:
+      best = (err, beta, coef)
+  err, beta, (m_scale, floor) = best
+  total = float(np.sum((s - s.mean()) ** 2))
+  return {"beta": float(beta), "M": float(m_scale), "m": float(floor),
+          "r2": 1.0 - err / total if total > 0 else 1.0}
+
+
+def _denoise(head, params, diffusion, x0, t, noise, z):
+  tt = jnp.full((x0.shape[0],), t, jnp.int32)
+  x_t = diffusion.q_sample(x0, tt, noise)
+  eps_hat = head(params, x_t, tt, z)[:, :x0.shape[-1]].astype(jnp.float32)
+  return eps_hat, diffusion.predict_x0(x_t, tt, eps_hat)
+
+
+def analyze(probe: cr.ConditionProbe, params, queue: dict | None, moments: jax.Array,
+            labels: jax.Array, rng: jax.Array, timesteps: list[int], score_t: int) -> dict:
+  """The analysis on one batch of held-out moments [B,h,w,2C] and labels [B]; see the module doc."""
+  diffusion = create_diffusion(1000)
+  r_cond, r_noise, r_ref = jax.random.split(rng, 3)
+  out = jax.jit(probe.conditions)(params, moments, labels, r_cond)
+  b, l, c = out["tokens"].shape
+  x0 = out["tokens"].reshape(b * l, c).astype(jnp.float32)
+  flat = lambda a: a.reshape(b * l, a.shape[-1])
+  positions = jnp.tile(jnp.arange(l), b)
+  row_labels = jnp.repeat(labels, l)
+  variants = {"raw": flat(out["z"])}
+  refinement = probe.refinement
+  if cr.INVERSE_KEY in params:
+    variants["ideal"] = refinement.inverse.apply({"params": params[cr.INVERSE_KEY]}, x0, positions)
+  if queue is not None and bool(cr.queue_full(queue)):
+    refined, _ = jax.jit(refinement.refine)(variants["raw"], row_labels, positions,
+                                            jnp.ones((b * l,)), queue, r_ref)
+    variants["refined"] = refined
+  head = jax.jit(probe.head)
+  result = {"timesteps": list(timesteps), "num_tokens": int(b * l), "variants": {}}
+  sq = lambda a: float(jnp.mean(jnp.sum(a * a, -1)))
+  power_x0 = sq(x0)
+  eps_by = {}
+  for i, t in enumerate(timesteps):
+    noise = jax.random.normal(jax.random.fold_in(r_noise, i), x0.shape, jnp.float32)
+    for name, z in variants.items():
+      eps_hat, x0_hat = _denoise(head, params, diffusion, x0, t, noise, z)
+      eps_by[name, t] = eps_hat
+      v = result["variants"].setdefault(name, {"denoise_snr_db": [], "noise_intensity": []})
+      v["denoise_snr_db"].append(10 * np.log10(power_x0 / max(sq(x0_hat - x0), 1e-30)))
+      v["noise_intensity"].append(sq(eps_hat - noise) / c)
+  if "ideal" in variants:
+    for name in variants:
+      if name == "ideal":
+        continue
+      result["variants"][name]["condition_snr_db"] = [
+          10 * np.log10(sq(eps_by["ideal", t]) / max(sq(eps_by[name, t] - eps_by["ideal", t]), 1e-30))
+          for t in timesteps]
+    ideal = variants["ideal"]
+    result["condition_gap"] = {name: float(jnp.mean((z - ideal) ** 2)) for name, z in variants.items()
+                               if name != "ideal"}
+  # The condition part of the score against the AR step (Thm 2).
+  noise = jax.random.normal(jax.random.fold_in(r_noise, 10_000), x0.shape, jnp.float32)
+  eps_c, _ = _denoise(head, params, diffusion, x0, score_t, noise, variants["raw"])
+  eps_u, _ = _denoise(head, params, diffusion, x0, score_t, noise, flat(out["z_null"]))
+  sigma = diffusion.noise_std(score_t)
+  per_token = np.asarray(jnp.sqrt(jnp.sum((eps_c - eps_u) ** 2, -1))) / sigma
+  step = np.asarray(out["step"]).reshape(-1)
+  steps = np.unique(step[step >= 0])
+  s = np.array([per_token[step == k].mean() for k in steps])
+  result["score_by_step"] = {"t": int(score_t), "steps": steps.tolist(), "s": s.tolist(),
+                             "fit": fit_decay(steps, s) if len(steps) >= 3 else None}
+  return result
+
+
+def summary(result: dict) -> dict:
+  """Scalars for eval/<step>.json: mean SNRs of the raw (and refined) conditions, the fitted β."""
+  out = {}
+  for name in ("raw", "refined"):
+    v = result["variants"].get(name)
+    if v is None:
+      continue
+    out[f"cond_err/{name}_denoise_snr_db"] = float(np.mean(v["denoise_snr_db"]))
+    if "condition_snr_db" in v:
+      out[f"cond_err/{name}_condition_snr_db"] = float(np.mean(v["condition_snr_db"]))
+  fit = result["score_by_step"]["fit"]
+  if fit:
+    out["cond_err/score_decay_beta"] = fit["beta"]
+  return out
+
+
+def plot(result: dict, path: str) -> None:
+  """Three panels: denoising SNR and condition SNR against t, and s_i against the AR step."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  ts = result["timesteps"]
+  for name, v in result["variants"].items():
+    axes[0].plot(ts, v["denoise_snr_db"], marker="o", label=name)
+    if "condition_snr_db" in v:
+      axes[1].plot(ts, v["condition_snr_db"], marker="o", label=name)
+  axes[0].set(xlabel="timestep t", ylabel="dB", title="denoising SNR")
+  axes[1].set(xlabel="timestep t", ylabel="dB", title="condition SNR vs E_φ(x₀)")
+  sb = result["score_by_step"]
+  axes[2].plot(sb["steps"], sb["s"], "o", label="measured")
+  if sb["fit"]:
+    k = np.asarray(sb["steps"], np.float64)
+    f = sb["fit"]
+    axes[2].plot(k, f["M"] * f["beta"] ** (k - k.min()) + f["m"], "-",
+                 label=f"M·β^i + m, β={f['beta']:.3f}")
+  axes[2].set(xlabel="AR step i", ylabel="‖ε̂(c_i) − ε̂(c_∅)‖/σ_t", title=f"condition score, t={sb['t']}")
+  for ax in axes:
+    ax.legend(fontsize=8)
+    ax.invert_xaxis() if ax is not axes[2] else None
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def load_heldout_moments(data_cfg: ml_collections.ConfigDict, num: int, seed: int):
+  """(moments [n,h,w,2C] float32, labels [n] int32): a seeded subset of the cached held-out split."""
+  from ardiff_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  source = pipeline.make_source(data_cfg, data_cfg.eval_split, seed)
+  idx = np.random.default_rng(seed).choice(len(source), min(num, len(source)), replace=False)
+  records = [source[int(i)] for i in np.sort(idx)]
+  return (np.stack([r["moments"] for r in records]).astype(np.float32),
+          np.asarray([r["label"] for r in records], np.int32))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, method, params, step: int) -> dict:
+  """Writes eval/condition_error_<step>.json and .png; returns the summary scalars. `params` as
+  `Method.sampling_params` made them (with the reference queue when refinement is on)."""
+  e = config.eval
+  moments, labels = load_heldout_moments(config.data, e.condition_error_samples, config.seed)
+  queue = params.get(cr.QUEUE_KEY)
+  with jax.default_device(jax.devices()[0]):
+    result = analyze(method.condition_probe, jax.device_get(params), jax.device_get(queue),
+                     jnp.asarray(moments), jnp.asarray(labels), jax.random.key(config.seed + 2),
+                     default_timesteps(), e.condition_error_score_t)
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  stem = os.path.join(out_dir, f"condition_error_{step}")
+  with open(stem + ".json", "w") as f:
+    json.dump(result, f, indent=2)
+  plot(result, stem + ".png")
+  logging.info("condition-error analysis: %s.json / .png", stem)
+  return dict(summary(result), condition_error_file=stem + ".json")

@@ -1,0 +1,399 @@
+"""Condition refinement by entropic-OT JKO steps (Zhou, Li & Shen 2026; reference/condition_refinement_ott.md).
+
+The AR network's per-token output z (the condition of the DiffLoss head) carries errors. Refinement
+moves the conditions toward a reference distribution of "ideal" conditions P* by K steps of a
+linearised JKO scheme for F(P) = ½W₂²(P, P*) + (λ/2)E‖z − ŷ‖²:
+
+  fit    entropic OT (ott-jax Sinkhorn, float32, fixed iterations, under stop-gradient) between N of
+         the batch's conditions and N' reference conditions, both with class and position features
+         appended; the reference marginal may be semi-unbalanced (tau_b < 1);
+  map    T = the entropic map of the dual potentials (out of sample, so it moves every token);
+  step   z ← (z + τ·T(z) + τλ·ŷ) / (1 + τ + τλ)        (the proximal step with T frozen).
+
+With λ = 0 each step moves z a fraction τ/(1+τ) of the way to T(z), contracting W₂ by 1/(1+τ).
+
+Reference set: a FIFO queue of conditions held in the train state (`extras`, so it is checkpointed
+with the run) and filled after each step from
+  `inverse_encoder`  ŷ = E_φ(x_gt, position): a small MLP trained only by an auxiliary diffusion
+                      loss (the shared head must denoise x from E_φ(x)); the head's parameters are
+                      held fixed in that loss, so E_φ learns to speak the head's condition language
+                      and the head keeps learning from the AR network's conditions alone.
+
+Modes (`condref.mode`):
+  `off`      nothing changes;
+  `probe`    the baseline with the instruments: E_φ trains and the queue fills (for the
+             condition-error analysis), the generator's loss and conditions are untouched (E_φ's
+             input is ground truth and the head is held fixed in its loss, so no gradient reaches
+             the generator; only the global-norm clip sees E_φ's gradients too);
+  `loss`     L = L_diff(z) + w·‖z − sg(R(z))‖² + w_λ·‖z − sg(ŷ)‖² (+ w_inv·L_aux); sampling unchanged;
+  `runtime`  the head consumes z + sg(R(z) − z) (value R(z), gradient of the identity) in training,
+             and R is applied at every sampling step against the checkpointed queue. λ is 0 inside R,
+             and R reads the queue *before* this batch is pushed, so the head's input never holds the
+             current sample's own ground truth.
+
+Choices the paper leaves open (ours, config fields): the reference (`inverse_encoder`), feature
+scales set relative to the mean squared distance between the two point sets (`class_cost`,
+`position_cost`: the extra cost of a class or position mismatch in units of that mean), the null
+class (CFG) gets a zero class feature (equidistant from every class), refinement starts once the
+queue is full.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ott.geometry import pointcloud
+from ott.solvers import linear
+
+from ardiff_jax.diffusion.gaussian import create_diffusion
+from ardiff_jax.models import vit
+from ardiff_jax.models.diffloss import diffloss_loss
+
+MODES = ("off", "probe", "loss", "runtime")
+REFERENCES = ("inverse_encoder",)
+
+
+def condref_config() -> ml_collections.ConfigDict:
+  """The `condref` section of a generator config (defaults from the design notes, §2.2–2.3)."""
+  r = ml_collections.ConfigDict()
+  r.mode = "off"               # off | probe | loss | runtime
+  r.reference = "inverse_encoder"
+  r.num_steps = 1              # K JKO steps
+  r.tau = 1.0                  # JKO step size τ
+  r.lam = 0.0                  # λ: pull toward the paired ŷ inside R (loss mode only)
+  r.epsilon = 0.05             # entropic ε, relative to the std of the cost matrix
+  r.sinkhorn_iterations = 64   # fixed, so the solve is a lax.scan of predictable cost
+  r.tau_b = 0.9                # reference-side marginal relaxation (1 = balanced)
+  r.num_points = 1024          # N: batch conditions the OT is fitted on (fewer if the batch is small)
+  r.num_reference = 2048       # N': reference conditions drawn from the queue per solve
+  r.queue_size = 4096          # M
+  r.push_per_step = 256        # reference conditions added to the queue per train step
+  r.class_cost = 1.0           # extra cost of a class mismatch, × the mean squared distance
+  r.position_cost = 0.5        # extra cost of a position mismatch, × the mean squared distance
+  r.loss_weight = 1.0          # w (loss mode)
+  r.lambda_weight = 0.0        # w_λ (loss mode)
+  r.inverse_weight = 0.1       # w_inv: the auxiliary diffusion loss that trains E_φ
+  r.inverse_width = 256
+  r.inverse_depth = 2
+  return r
+
+
+def validate(r: ml_collections.ConfigDict) -> None:
+  if r.mode not in MODES:
+    raise ValueError(f"condref.mode={r.mode!r}: expected one of {MODES}")
+  if r.reference not in REFERENCES:
+    raise ValueError(f"condref.reference={r.reference!r}: expected one of {REFERENCES}")
+  if r.num_reference > r.queue_size:
+    raise ValueError(f"condref.num_reference={r.num_reference} exceeds condref.queue_size="
+                     f"{r.queue_size}; the reference is drawn from the queue without replacement")
+  if r.mode == "runtime" and r.lam:
+    raise ValueError("condref.lam must be 0 in runtime mode: ŷ holds the sample's own ground truth "
+                     "and must never reach the denoiser's input")
+
+
+# ------------------------------------------------------------------------------ the operator
+def feature_scales(x: jax.Array, y: jax.Array, class_cost: float,
+                   position_cost: float) -> tuple[jax.Array, jax.Array]:
+  """Scales (s_class, s_position) such that a one-hot mismatch (cost 2s²) adds `cost` × the mean
+  squared distance between x [n, D] and y [m, D] (computed in closed form, no n×m matrix)."""
+  mean_sq = (jnp.mean(jnp.sum(x * x, -1)) + jnp.mean(jnp.sum(y * y, -1))
+             - 2.0 * jnp.dot(x.mean(0), y.mean(0)))
+  mean_sq = jax.lax.stop_gradient(jnp.maximum(mean_sq, 1e-12))
+  return jnp.sqrt(class_cost * mean_sq / 2.0), jnp.sqrt(position_cost * mean_sq / 2.0)
+
+
+def condition_features(labels: jax.Array, positions: jax.Array, num_classes: int, seq_len: int,
+                       class_scale: jax.Array, position_scale: jax.Array) -> jax.Array:
+  """[n, num_classes + seq_len]: scaled one-hot class (zero for the null class) and position."""
+  cls = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)    # label == num_classes -> zeros
+  pos = jax.nn.one_hot(positions, seq_len, dtype=jnp.float32)
+  return jnp.concatenate([class_scale * cls, position_scale * pos], axis=-1)
+
+
+def entropic_map(x: jax.Array, y: jax.Array, *, epsilon: float, iterations: int,
+                 tau_b: float = 1.0) -> tuple[Callable[[jax.Array], jax.Array], dict]:
+  """Fits entropic OT from x [n, d] to y [m, d] (uniform weights, squared Euclidean cost) and
+  returns (T, diagnostics), T: [k, d] -> [k, d] the entropic map (x − ½∇f), usable out of sample.
+
+  The solve runs in float32 with a fixed number of Sinkhorn iterations under stop-gradient.
+  """
+  x, y = (jax.lax.stop_gradient(a.astype(jnp.float32)) for a in (x, y))
+  geom = pointcloud.PointCloud(x, y, epsilon=epsilon, relative_epsilon="std")
+  out = linear.solve(geom, tau_b=tau_b, min_iterations=iterations, max_iterations=iterations)
+  potentials = out.to_dual_potentials()
+  transport = lambda v: jax.lax.stop_gradient(potentials.transport(v.astype(jnp.float32)))
+  info = {"converged": out.converged.astype(jnp.float32), "reg_ot_cost": out.reg_ot_cost}
+  return transport, info
+
+
+def jko_update(z: jax.Array, mapped: jax.Array, tau: float, lam: float = 0.0,
+               y_hat: jax.Array | None = None) -> jax.Array:
+  """z ← (z + τ·T(z) + τλ·ŷ) / (1 + τ + τλ); with λ = 0 (or no ŷ), z + τ/(1+τ)·(T(z) − z)."""
+  if y_hat is None or not lam:
+    return (z + tau * mapped) / (1.0 + tau)
+  return (z + tau * mapped + tau * lam * y_hat) / (1.0 + tau + tau * lam)
+
+
+@dataclasses.dataclass(frozen=True)
+class Refiner:
+  """R(z): K JKO steps toward a reference point set, the static settings bound.
+
+  `__call__(z [n, D], feats [n, F], fit_index [N], ref [N', D], ref_feats [N', F], y_hat [n, D] |
+  None) -> (refined z [n, D] float32, diagnostics of the last step)`. The OT is fitted on the
+  rows `fit_index` of z (re-fitted at each step on the moved points) and applied to every row.
+  """
+  num_steps: int
+  tau: float
+  lam: float
+  epsilon: float
+  iterations: int
+  tau_b: float
+
+  def __call__(self, z, feats, fit_index, ref, ref_feats, y_hat=None):
+    z = jax.lax.stop_gradient(z.astype(jnp.float32))
+    d = z.shape[-1]
+    target = jnp.concatenate([ref.astype(jnp.float32), ref_feats], -1)
+
+    def step(z, _):
+      source = jnp.concatenate([z, feats], -1)
+      transport, info = entropic_map(source[fit_index], target, epsilon=self.epsilon,
+                                     iterations=self.iterations, tau_b=self.tau_b)
+      mapped = transport(source)[:, :d]
+      return jko_update(z, mapped, self.tau, self.lam, y_hat), info
+
+    z, infos = jax.lax.scan(step, z, None, length=self.num_steps)
+    return z, jax.tree.map(lambda v: v[-1], infos)
+
+
+def make_refiner(r: ml_collections.ConfigDict, *, allow_lambda: bool) -> Refiner:
+  return Refiner(num_steps=int(r.num_steps), tau=float(r.tau),
+                 lam=float(r.lam) if allow_lambda else 0.0, epsilon=float(r.epsilon),
+                 iterations=int(r.sinkhorn_iterations), tau_b=float(r.tau_b))
+
+
+# ------------------------------------------------------------------------ the reference queue
+def init_queue(size: int, dim: int) -> dict:
+  """An empty FIFO queue of `size` conditions [size, dim] with their labels and positions."""
+  return {"conditions": jnp.zeros((size, dim), jnp.float32),
+          "labels": jnp.zeros((size,), jnp.int32), "positions": jnp.zeros((size,), jnp.int32),
+          "count": jnp.zeros((), jnp.int32)}
+
+
+def push(queue: dict, conditions: jax.Array, labels: jax.Array, positions: jax.Array) -> dict:
+  """Appends P entries (overwriting the oldest once full). `count` is the total ever pushed."""
+  size = queue["conditions"].shape[0]
+  slots = (queue["count"] + jnp.arange(conditions.shape[0])) % size
+  return {"conditions": queue["conditions"].at[slots].set(
+              jax.lax.stop_gradient(conditions).astype(jnp.float32)),
+          "labels": queue["labels"].at[slots].set(labels.astype(jnp.int32)),
+          "positions": queue["positions"].at[slots].set(positions.astype(jnp.int32)),
+          "count": queue["count"] + conditions.shape[0]}
+
+
+def queue_full(queue: dict) -> jax.Array:
+  return queue["count"] >= queue["conditions"].shape[0]
+
+
+def draw_reference(queue: dict, rng: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """n distinct queue entries at random: (conditions [n, D], labels [n], positions [n])."""
+  idx = jax.random.choice(rng, queue["conditions"].shape[0], (n,), replace=False)
+  return queue["conditions"][idx], queue["labels"][idx], queue["positions"][idx]
+
+
+def fit_rows(rng: jax.Array, weights: jax.Array, n: int) -> jax.Array:
+  """n distinct row indices drawn among rows with weight > 0 (Gumbel top-k; fixed shape)."""
+  scores = jax.random.gumbel(rng, weights.shape) + jnp.where(weights > 0, 0.0, -1e9)
+  return jax.lax.top_k(scores, n)[1]
+
+
+# --------------------------------------------------------------- the inverse encoder E_φ
+class InverseEncoder(nn.Module):
+  """E_φ(x_gt [n, C], position [n]) -> ideal condition [n, D]: a residual MLP with a learned
+  position table (LayerNorm, GELU, xavier-uniform, as the ViT blocks)."""
+  cond_dim: int
+  seq_len: int
+  width: int = 256
+  depth: int = 2
+
+  @nn.compact
+  def __call__(self, x, positions):
+    table = self.param("pos_embed", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (None, "embed")), (self.seq_len, self.width))
+    h = vit.dense(self.width, (None, "embed"), "in_proj")(x.astype(jnp.float32)) + table[positions]
+    for i in range(self.depth):
+      h = h + vit.dense(self.width, ("embed", "mlp"), f"mlp_{i}")(
+          nn.gelu(vit.layer_norm(f"norm_{i}")(h), approximate=False))
+    return vit.dense(self.cond_dim, ("embed", None), "out_proj")(vit.layer_norm("norm_out")(h))
+
+
+# ------------------------------------------------------- what a generator's loss adds
+INVERSE_KEY = "condref_inverse"    # params subtree of E_φ, next to the generator's own
+QUEUE_KEY = "condref_queue"        # in extras; and next to the weights for runtime-mode sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class ConditionRefinement:
+  """Condition refinement bound to one generator (its sequence length, condition width, classes).
+
+  Used by `methods/mar.py` and `methods/ar_diffusion.py`; see the module docstring for the modes.
+  """
+  cfg: ml_collections.ConfigDict
+  seq_len: int
+  cond_dim: int
+  token_dim: int
+  num_classes: int
+
+  def __post_init__(self):
+    validate(self.cfg)
+
+  @property
+  def enabled(self) -> bool:
+    return self.cfg.mode != "off"
+
+  @property
+  def inverse(self) -> InverseEncoder:
+    return InverseEncoder(self.cond_dim, self.seq_len, self.cfg.inverse_width, self.cfg.inverse_depth)
+
+  def init_params(self, rng: jax.Array) -> dict:
+    """{INVERSE_KEY: E_φ params} (empty when off)."""
+    if not self.enabled:
+      return {}
+    x = jnp.zeros((1, self.token_dim), jnp.float32)
+    return {INVERSE_KEY: self.inverse.init(rng, x, jnp.zeros((1,), jnp.int32))["params"]}
+
+  def init_extras(self, rng: jax.Array) -> dict:
+    del rng
+    return {QUEUE_KEY: init_queue(self.cfg.queue_size, self.cond_dim)} if self.enabled else {}
+
+  def _features(self, z, labels, positions, ref, ref_labels, ref_positions):
+    s_cls, s_pos = feature_scales(z, ref, self.cfg.class_cost, self.cfg.position_cost)
+    feats = lambda lab, pos: condition_features(lab, pos, self.num_classes, self.seq_len, s_cls, s_pos)
+    return feats(labels, positions), feats(ref_labels, ref_positions)
+
+  def refine(self, z, labels, positions, weights, queue, rng, y_hat=None, allow_lambda=False):
+    """R(z) for rows z [n, D] with labels [n] (num_classes = null), positions [n] and fit weights
+    [n] (> 0: may be fitted on) against `queue`. Rows pass unchanged until the queue is full.
+    Returns (refined [n, D] float32, diagnostics)."""
+    r = self.cfg
+    n = z.shape[0]
+    fit_rng, ref_rng = jax.random.split(rng)
+    ref, ref_labels, ref_pos = draw_reference(queue, ref_rng, r.num_reference)
+    num_fit = min(int(r.num_points), n)
+    fit_index = fit_rows(fit_rng, weights, num_fit)
+    z32 = jax.lax.stop_gradient(z.astype(jnp.float32))
+    feats, ref_feats = self._features(z32[fit_index], labels, positions, ref, ref_labels, ref_pos)
+    refined, info = make_refiner(r, allow_lambda=allow_lambda)(z32, feats, fit_index, ref, ref_feats,
+                                                                 y_hat)
+    full = queue_full(queue)
+    refined = jnp.where(full, refined, z32)
+    moved = jnp.sqrt(jnp.sum(weights[:, None] * (refined - z32) ** 2) / jnp.maximum(weights.sum(), 1))
+    info = {k: jnp.where(full, v, 0.0) for k, v in info.items()}
+    return refined, dict(info, move_rms=moved, queue_full=full.astype(jnp.float32))
+
+  def training_terms(self, params, z, tokens, labels, true_labels, weights, extras, rng,
+                     fixed_head_fn):
+    """The refinement's part of a generator's training step.
+
+    z [B, L, D] conditions, tokens [B, L, C] ground truth, labels [B] as the generator saw them
+    (num_classes where dropped for CFG), true_labels [B], weights [B, L] loss weights (masked
+    tokens for MAR, all for the causal AR), fixed_head_fn the DiffLoss head with the generator's
+    parameters bound under stop-gradient (E_φ's auxiliary loss must not train it).
+    Returns (conditions for the head [B·L, D], extra loss, metrics, new extras).
+    """
+    r = self.cfg
+    b, l, d = z.shape
+    z_flat = z.reshape(b * l, d)
+    if not self.enabled:
+      return z_flat, jnp.zeros((), jnp.float32), {}, extras
+    w = weights.reshape(-1).astype(jnp.float32)
+    positions = jnp.tile(jnp.arange(l), b)
+    row_labels = jnp.repeat(labels, l)
+    tok_flat = tokens.reshape(b * l, -1)
+    y_hat = self.inverse.apply({"params": params[INVERSE_KEY]}, tok_flat, positions)   # [B·L, D]
+    r_ref, r_aux, r_push = jax.random.split(rng, 3)
+    queue = extras[QUEUE_KEY]
+    use_lambda = r.mode == "loss"
+    refined, info = self.refine(z_flat, row_labels, positions, w, queue, r_ref,
+                                y_hat=jax.lax.stop_gradient(y_hat) if use_lambda else None,
+                                allow_lambda=use_lambda)
+    wmean = lambda v: jnp.sum(v * w) / jnp.maximum(w.sum(), 1.0)
+    metrics = {f"condref/{k}": v for k, v in info.items()}
+    extra = jnp.zeros((), jnp.float32)
+    zf = z_flat.astype(jnp.float32)
+    if r.mode == "loss":
+      head_in = z_flat
+      gap = wmean(jnp.mean((zf - jax.lax.stop_gradient(refined)) ** 2, -1))
+      extra += r.loss_weight * gap
+      if r.lambda_weight:
+        extra += r.lambda_weight * wmean(jnp.mean((zf - jax.lax.stop_gradient(y_hat)) ** 2, -1))
+    elif r.mode == "probe":
+      head_in = z_flat
+      gap = wmean(jnp.mean((zf - refined) ** 2, -1))
+    else:   # runtime: the value R(z), the gradient of the identity
+      head_in = z_flat + jax.lax.stop_gradient(refined.astype(z_flat.dtype) - z_flat)
+      gap = wmean(jnp.mean((zf - refined) ** 2, -1))
+    metrics["condref/gap"] = gap
+    metrics["condref/inverse_gap"] = wmean(jnp.mean((zf - jax.lax.stop_gradient(y_hat)) ** 2, -1))
+    # E_φ's own training signal: the head (held fixed) must denoise x given E_φ(x).
+    aux, _ = diffloss_loss(fixed_head_fn, create_diffusion(1000), y_hat, tok_flat, w, r_aux, 1)
+    extra += r.inverse_weight * aux
+    metrics["condref/inverse_loss"] = aux
+    # Push after use: the queue this step refined against never held this batch.
+    idx = fit_rows(r_push, w, min(int(r.push_per_step), b * l))
+    queue = push(queue, y_hat[idx], jnp.repeat(true_labels, l)[idx], positions[idx])
+    return head_in, extra, metrics, dict(extras, **{QUEUE_KEY: queue})
+
+  def sampling_params(self, params: dict, extras: dict) -> dict:
+    """`Method.sampling_params`: the weights travel with the reference queue (read by runtime-mode
+    sampling and by the condition-error analysis)."""
+    if not self.enabled:
+      return params
+    return dict(params, **{QUEUE_KEY: extras[QUEUE_KEY]})
+
+  def sampling_refiner(self, params: dict):
+    """refine_fn(z [n, D], labels [n], positions [n], fit weights [n], rng) -> z for the samplers
+    (runtime mode),
+    or None when refinement does not act at sampling. `params` as `sampling_params` made them."""
+    if self.cfg.mode != "runtime":
+      return None
+    if QUEUE_KEY not in params:
+      raise ValueError("condref.mode='runtime' samples against the checkpointed reference queue, "
+                       "but none was given; sample from a checkpoint of a runtime-mode run")
+    queue = params[QUEUE_KEY]
+
+    def refine_fn(z, labels, positions, weights, rng):
+      refined, _ = self.refine(z, labels, positions, weights, queue, rng)
+      return refined.astype(z.dtype)
+
+    return refine_fn
+
+
+def for_generator(config: ml_collections.ConfigDict, model) -> ConditionRefinement:
+  """The refinement of a DiffLoss generator (MAR or GPT: `seq_len`, `width`, `token_dim`)."""
+  cfg = config.condref if "condref" in config else condref_config()   # runs from before condref
+  return ConditionRefinement(cfg, model.seq_len, model.width, model.token_dim,
+                             config.data.num_classes)
+
+
+def generator_params(params: dict) -> dict:
+  """The generator's own weights from a tree that may also hold E_φ and the sampling queue."""
+  return {k: v for k, v in params.items() if k not in (INVERSE_KEY, QUEUE_KEY)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConditionProbe:
+  """What the condition-error analysis (evals/condition_error.py) needs from a generator.
+
+  conditions(params, moments [B,h,w,2C], labels [B], rng) -> {"tokens" [B,L,C], "z" [B,L,D],
+    "z_null" [B,L,D] (the same context with the CFG null class), "step" [B,L] int32 (the AR step
+    at which the sampler generates each position, given the ground truth before it)}.
+  head(params, x_t [N,C], t [N], z [N,D]) -> [N, 2C].
+  """
+  conditions: Callable
+  head: Callable
+  num_steps: int
+  refinement: ConditionRefinement

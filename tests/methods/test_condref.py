@@ -1,0 +1,274 @@
+"""Condition refinement: the OT step against closed forms and float64 NumPy, sharding, the queue in
+checkpoints, no ground-truth leakage in runtime mode, and both generators training and sampling."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ardiff_jax.evals import condition_error
+from ardiff_jax.methods import condref as cr
+from ardiff_jax.models.mar import cosine_schedule
+from ardiff_jax.parallel import sharding as shd
+from ardiff_jax.train import checkpoint
+from ardiff_jax.train.loop import build_experiment
+from ardiff_jax.train.state import init_state, jit_train_step
+from tests.helpers import load_config
+
+
+# ------------------------------------------------------------------ float64 references
+def gaussian_w2(m1, s1, m2, s2) -> float:
+  """Closed-form W₂ between N(m1, s1) and N(m2, s2) (Bures metric), float64."""
+  def sqrtm(a):
+    w, v = np.linalg.eigh(a)
+    return (v * np.sqrt(np.maximum(w, 0))) @ v.T
+  r = sqrtm(s1)
+  bures = np.trace(s1 + s2 - 2 * sqrtm(r @ s2 @ r))
+  return float(np.sqrt(np.sum((m1 - m2) ** 2) + max(bures, 0.0)))
+
+
+def moments(x):
+  x = np.asarray(x, np.float64)
+  return x.mean(0), np.cov(x, rowvar=False)
+
+
+def numpy_entropic_map(x, y, eps, tau_b, iters=3000):
+  """Log-domain semi-unbalanced Sinkhorn in float64 (uniform a, b; KL relaxation on b with
+  τ_b = ρ/(ρ+ε)), then the barycentric projection Σ_j P_ij y_j / Σ_j P_ij on the fitted points."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  c = ((x[:, None] - y[None]) ** 2).sum(-1)
+  log_a, log_b = -np.log(len(x)) * np.ones(len(x)), -np.log(len(y)) * np.ones(len(y))
+  lse = lambda m, axis: np.log(np.exp(m - m.max(axis, keepdims=True)).sum(axis)) + m.max(axis)
+  f, g = np.zeros(len(x)), np.zeros(len(y))
+  for _ in range(iters):
+    f = -eps * lse(log_b[None] + (g[None] - c) / eps, 1)
+    g = tau_b * -eps * lse(log_a[:, None] + (f[:, None] - c) / eps, 0)
+  logp = (f[:, None] + g[None] - c) / eps + log_a[:, None] + log_b[None]
+  p = np.exp(logp - logp.max(1, keepdims=True))
+  return (p @ y) / p.sum(1, keepdims=True), c.std()
+
+
+# --------------------------------------------------------------------------- the operator
+def test_entropic_map_equals_the_barycentric_projection_of_a_float64_sinkhorn():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(96, 5))
+  y = rng.normal(size=(120, 5)) * 0.6 + 1.5
+  rel_eps, tau_b = 0.05, 0.9
+  _, cost_std = numpy_entropic_map(x, y, 1.0, tau_b, iters=1)
+  expected, _ = numpy_entropic_map(x, y, rel_eps * cost_std, tau_b)
+  transport, info = cr.entropic_map(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32),
+                                    epsilon=rel_eps, iterations=400, tau_b=tau_b)
+  got = np.asarray(transport(jnp.asarray(x, jnp.float32)), np.float64)
+  assert float(info["converged"]) == 1.0
+  np.testing.assert_allclose(got, expected, atol=2e-4)
+
+
+@pytest.mark.parametrize("tau,num_steps", [(1.0, 1), (1.0, 2), (3.0, 1)])
+def test_jko_steps_contract_w2_by_one_over_one_plus_tau(tau, num_steps):
+  """Gaussian clouds: each JKO step moves z a fraction τ/(1+τ) of the way along the OT map, so
+  W₂ to the target shrinks by (1/(1+τ))^K (closed-form Gaussian W₂ as the reference)."""
+  rng = np.random.default_rng(1)
+  n, d = 1500, 3
+  x = rng.normal(size=(n, d))
+  rot = np.linalg.qr(rng.normal(size=(d, d)))[0]
+  y = (rng.normal(size=(n, d)) * np.array([0.5, 1.0, 1.6])) @ rot.T + np.array([2.0, -1.0, 0.5])
+  refiner = cr.Refiner(num_steps=num_steps, tau=tau, lam=0.0, epsilon=0.002, iterations=300,
+                       tau_b=1.0)
+  empty = jnp.zeros((n, 0), jnp.float32)
+  moved, _ = refiner(jnp.asarray(x, jnp.float32), empty, jnp.arange(n), jnp.asarray(y, jnp.float32),
+                     empty)
+  before = gaussian_w2(*moments(x), *moments(y))
+  after = gaussian_w2(*moments(moved), *moments(y))
+  expected = (1.0 / (1.0 + tau)) ** num_steps
+  assert abs(after / before - expected) < 0.03, (before, after, expected)
+
+
+def test_jko_update_closed_form_with_lambda():
+  z, t, y = jnp.array([[1.0, 0.0]]), jnp.array([[3.0, 2.0]]), jnp.array([[-1.0, 4.0]])
+  got = cr.jko_update(z, t, tau=0.5, lam=2.0, y_hat=y)
+  np.testing.assert_allclose(got, (z + 0.5 * t + 1.0 * y) / (1 + 0.5 + 1.0), rtol=1e-6)
+  np.testing.assert_allclose(cr.jko_update(z, t, tau=1.0), (z + t) / 2, rtol=1e-6)
+
+
+def test_class_features_keep_the_transport_within_each_class():
+  """Two classes whose clouds are swapped in space: with a class cost, every point maps into its
+  own class's reference cloud, not the nearer one of the other class."""
+  rng = np.random.default_rng(2)
+  z = np.concatenate([rng.normal(size=(64, 2)) + 4, rng.normal(size=(64, 2)) - 4])
+  labels = np.repeat([0, 1], 64)
+  ref = np.concatenate([rng.normal(size=(64, 2)) - 4, rng.normal(size=(64, 2)) + 4])  # swapped
+  ref_labels = np.repeat([0, 1], 64)
+  s_cls, s_pos = cr.feature_scales(jnp.asarray(z), jnp.asarray(ref), 20.0, 0.0)
+  feats = cr.condition_features(jnp.asarray(labels), jnp.zeros(128, jnp.int32), 2, 1, s_cls, s_pos)
+  rfeats = cr.condition_features(jnp.asarray(ref_labels), jnp.zeros(128, jnp.int32), 2, 1, s_cls, s_pos)
+  refiner = cr.Refiner(num_steps=1, tau=1e6, lam=0.0, epsilon=0.01, iterations=200, tau_b=1.0)
+  moved, _ = refiner(jnp.asarray(z, jnp.float32), feats, jnp.arange(128), jnp.asarray(ref, jnp.float32),
+                     rfeats)
+  moved = np.asarray(moved)
+  assert (moved[:64, 0] < -2).all() and (moved[64:, 0] > 2).all()
+
+
+def test_null_class_features_are_zero():
+  f = cr.condition_features(jnp.array([0, 2]), jnp.array([1, 0]), 2, 3, jnp.float32(2.0),
+                            jnp.float32(1.0))
+  np.testing.assert_array_equal(f, [[2, 0, 0, 1, 0], [0, 0, 1, 0, 0]])
+
+
+def test_sharded_refinement_equals_single_device():
+  """The same refinement, jitted with the conditions sharded over 8 devices, equals the
+  single-device result (XLA partitions the cost matrix; the coupling stays global)."""
+  assert jax.device_count() == 8
+  rng = np.random.default_rng(3)
+  r = cr.condref_config()
+  r.update(num_points=64, num_reference=96, queue_size=128, sinkhorn_iterations=30, num_steps=2)
+  refinement = cr.ConditionRefinement(r, seq_len=4, cond_dim=8, token_dim=2, num_classes=3)
+  queue = cr.push(cr.init_queue(128, 8), jnp.asarray(rng.normal(size=(128, 8)) + 1, jnp.float32),
+                  jnp.asarray(rng.integers(0, 3, 128)), jnp.asarray(rng.integers(0, 4, 128)))
+  z = jnp.asarray(rng.normal(size=(128, 8)), jnp.float32)
+  labels, pos = jnp.asarray(rng.integers(0, 4, 128)), jnp.asarray(np.tile(np.arange(4), 32))
+  weights = jnp.ones((128,))
+  fn = lambda z, lab, p, w, q: refinement.refine(z, lab, p, w, q, jax.random.key(0))[0]
+  single = jax.jit(fn)(z, labels, pos, weights, queue)
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  rows = NamedSharding(mesh, P("data"))
+  put = lambda a: jax.device_put(a, NamedSharding(mesh, P("data", *([None] * (a.ndim - 1)))))
+  sharded = jax.jit(fn)(put(z), jax.device_put(labels, rows), jax.device_put(pos, rows),
+                        jax.device_put(weights, rows), queue)
+  assert len(sharded.sharding.device_set) == 8
+  np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(single - z).max()) > 0.1      # it did move the points
+
+
+def test_queue_is_fifo_and_refinement_waits_until_it_is_full():
+  q = cr.init_queue(4, 2)
+  q = cr.push(q, jnp.ones((3, 2)), jnp.array([1, 1, 1]), jnp.array([0, 1, 2]))
+  assert not bool(cr.queue_full(q))
+  q = cr.push(q, 2 * jnp.ones((3, 2)), jnp.array([2, 2, 2]), jnp.array([3, 4, 5]))
+  np.testing.assert_array_equal(q["labels"], [2, 2, 1, 2])   # slots 3, 0, 1 overwritten in order
+  np.testing.assert_array_equal(q["positions"], [4, 5, 2, 3])
+  assert int(q["count"]) == 6 and bool(cr.queue_full(q))
+  r = cr.condref_config()
+  r.update(num_points=4, num_reference=4, queue_size=8, sinkhorn_iterations=5)
+  refinement = cr.ConditionRefinement(r, seq_len=6, cond_dim=2, token_dim=2, num_classes=3)
+  z = jnp.arange(8.0).reshape(4, 2)
+  out, info = refinement.refine(z, jnp.zeros(4, jnp.int32), jnp.zeros(4, jnp.int32), jnp.ones(4),
+                                cr.init_queue(8, 2), jax.random.key(0))
+  np.testing.assert_array_equal(out, z)
+  assert float(info["queue_full"]) == 0.0
+
+
+def test_config_errors_name_the_field():
+  r = cr.condref_config()
+  r.mode = "always"
+  with pytest.raises(ValueError, match="condref.mode"):
+    cr.validate(r)
+  r = cr.condref_config()
+  r.mode, r.lam = "runtime", 0.5
+  with pytest.raises(ValueError, match="lam must be 0 in runtime"):
+    cr.validate(r)
+  r = cr.condref_config()
+  r.num_reference = r.queue_size + 1
+  with pytest.raises(ValueError, match="queue_size"):
+    cr.validate(r)
+
+
+# ------------------------------------------------------------------- inside a generator
+def _small(r, mode):
+  r.mode = mode
+  r.update(num_points=64, num_reference=64, queue_size=128, push_per_step=64,
+           sinkhorn_iterations=10)
+
+
+def test_runtime_mode_never_feeds_the_samples_own_ground_truth_to_the_head():
+  """Same conditions z, different ground-truth tokens: in runtime mode the head's input is
+  identical (the reference is the queue as it was before this batch), while the queue pushed
+  for later steps does hold this batch. A reference filled before refining would fail this."""
+  r = cr.condref_config()
+  _small(r, "runtime")
+  refinement = cr.ConditionRefinement(r, seq_len=16, cond_dim=8, token_dim=4, num_classes=10)
+  rng = np.random.default_rng(4)
+  params = refinement.init_params(jax.random.key(0))
+  extras = refinement.init_extras(jax.random.key(0))
+  q = extras[cr.QUEUE_KEY]
+  extras = {cr.QUEUE_KEY: cr.push(q, jnp.asarray(rng.normal(size=(128, 8)), jnp.float32),
+                                  jnp.asarray(rng.integers(0, 10, 128)),
+                                  jnp.asarray(rng.integers(0, 16, 128)))}
+  z = jnp.asarray(rng.normal(size=(8, 16, 8)), jnp.float32)
+  labels = jnp.arange(8) % 10
+  weights = jnp.asarray(rng.random((8, 16)) < 0.8)
+  head = lambda x, t, zz: jnp.zeros((x.shape[0], 8))
+  run = lambda tokens: refinement.training_terms(params, z, tokens, labels, labels, weights,
+                                                 extras, jax.random.key(1), head)
+  a_in, _, a_metrics, a_extras = run(jnp.asarray(rng.normal(size=(8, 16, 4)), jnp.float32))
+  b_in, _, _, b_extras = run(jnp.asarray(rng.normal(size=(8, 16, 4)) * 3, jnp.float32))
+  assert float(a_metrics["condref/move_rms"]) > 0.01           # refinement acted
+  np.testing.assert_array_equal(np.asarray(a_in), np.asarray(b_in))
+  assert not np.allclose(a_extras[cr.QUEUE_KEY]["conditions"], b_extras[cr.QUEUE_KEY]["conditions"])
+
+
+@pytest.mark.parametrize("name,mode", [("mar_digits", "runtime"), ("ar_diffusion_digits", "loss")])
+def test_generators_train_checkpoint_and_sample_with_refinement(name, mode, tmp_path):
+  config = load_config(name, "tiny")
+  config.tokenizer.latent_scale = 1.0
+  _small(config.condref, mode)
+  exp = build_experiment(config)
+  state = init_state(0, exp.method, exp.tx, exp.shardings)
+  step = jit_train_step(exp.method, exp.tx, exp.schedule, config, exp.mesh, exp.shardings)
+  rng = np.random.default_rng(0)
+  batch = shd.global_batch(
+      {"moments": np.concatenate([rng.normal(size=(16, 8, 8, 4)), np.full((16, 8, 8, 4), -4.0)],
+                                 -1).astype(np.float32),
+       "label": (np.arange(16) % 10).astype(np.int32)}, exp.mesh)
+  for _ in range(3):
+    state, metrics = step(state, batch)
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["condref/queue_full"]) == 1.0
+  assert int(state.extras[cr.QUEUE_KEY]["count"]) == 3 * 64
+  # The queue is saved and restored with the checkpoint.
+  manager = checkpoint.make_manager(str(tmp_path), 1, async_save=False)
+  checkpoint.save(manager, 3, state, None, config.to_dict())
+  manager.wait_until_finished()
+  restored, _ = checkpoint.restore(manager, exp.abstract_state)
+  for key in ("conditions", "labels", "positions", "count"):
+    np.testing.assert_array_equal(restored.extras[cr.QUEUE_KEY][key], state.extras[cr.QUEUE_KEY][key])
+  # Sampling: runtime mode refines against the queue (so the samples change), loss mode does not
+  # need it.
+  frozen = exp.method.init_frozen(jax.random.key(1))
+  labels = {"label": np.arange(4, dtype=np.int32)}
+  gen = jax.jit(exp.method.generate)
+  with_queue = gen(exp.method.sampling_params(state.params, state.extras), frozen, labels,
+                   jax.random.key(0))
+  assert with_queue.shape[0] == 4 and with_queue.dtype == jnp.uint8
+  if mode == "runtime":
+    with pytest.raises(ValueError, match="reference queue"):
+      exp.method.generate(state.params, frozen, labels, jax.random.key(0))
+  # The condition-error analysis on the trained state (all three condition variants).
+  moments = jnp.asarray(np.concatenate([rng.normal(size=(4, 8, 8, 4)), np.full((4, 8, 8, 4), -4.0)],
+                                       -1), jnp.float32)
+  params = exp.method.sampling_params(state.params, state.extras)
+  probe = exp.method.condition_probe
+  cond = jax.jit(probe.conditions)(params, moments, jnp.arange(4), jax.random.key(3))
+  steps = np.asarray(cond["step"])
+  assert steps.min() >= 0 and steps.max() < probe.num_steps
+  if name == "mar_digits":   # every position generated at exactly one step, as the sampler does
+    schedule = np.asarray(mar_schedule(exp.method.model.seq_len, config.mar.num_ar_steps))
+    for row in steps:
+      np.testing.assert_array_equal(np.bincount(row, minlength=probe.num_steps), schedule)
+  result = condition_error.analyze(probe, params, params[cr.QUEUE_KEY], moments, jnp.arange(4),
+                                   jax.random.key(4), [999, 500, 0], 500)
+  assert set(result["variants"]) == {"raw", "refined", "ideal"}
+  assert len(result["variants"]["raw"]["condition_snr_db"]) == 3
+  assert all(np.isfinite(v) for v in result["variants"]["refined"]["denoise_snr_db"])
+  condition_error.plot(result, str(tmp_path / "cond.png"))
+  assert (tmp_path / "cond.png").stat().st_size > 1000
+
+
+def mar_schedule(seq_len, num_steps):
+  """Positions generated per AR step, in step order."""
+  s = cosine_schedule(seq_len, num_steps)
+  return [e - b for b, e in zip(s.starts, s.ends)]
+
+
+def test_fit_decay_recovers_an_exponential():
+  steps = np.arange(20)
+  fit = condition_error.fit_decay(steps, 2.0 * 0.8 ** steps + 0.5)
+  assert abs(fit["beta"] - 0.8) < 0.006 and abs(fit["m"] - 0.5) < 0.02 and fit["r2"] > 0.999
