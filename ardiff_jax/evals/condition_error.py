@@ -30,9 +30,11 @@ from ardiff_jax.diffusion.gaussian import create_diffusion
 from ardiff_jax.methods import condref as cr
 
 
-def default_timesteps(num: int = 10, total: int = 1000) -> list[int]:
-  """`num` timesteps evenly over [0, total − 1], high noise first."""
-  return [int(t) for t in np.linspace(total - 1, 0, num).round()]
+def default_timesteps(num: int = 10, highest: int = 900) -> list[int]:
+  """`num` timesteps evenly over [0, highest], high noise first. The top of the cosine schedule
+  is left out: at t ≈ 999, ᾱ_t ≈ 0 and x̂₀ multiplies any ε error by 1/√ᾱ_t (−60 dB for every
+  condition), which says nothing about the conditions."""
+  return [int(t) for t in np.linspace(highest, 0, num).round()]
 
 
 def fit_decay(steps: np.ndarray, s: np.ndarray) -> dict:

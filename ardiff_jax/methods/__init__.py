@@ -45,6 +45,8 @@ class Method:
       method-owned state sampling reads (condition refinement's reference queue). Identity by default.
     condition_probe: a `methods.condref.ConditionProbe` for the condition-error analysis
       (DiffLoss generators), else None.
+    loss_reads_ema: when True the engine calls loss_fn(..., ema_params=<the EMA weights>) (read
+      only, e.g. as a teacher).
   """
   name: str
   model: Any
@@ -61,6 +63,7 @@ class Method:
   init_frozen: Callable[[jax.Array], PyTree] | None = None
   sampling_params: Callable[[PyTree, dict], PyTree] = lambda params, extras: params
   condition_probe: Any = None
+  loss_reads_ema: bool = False
 
 
 def _kl_tokenizer(config):

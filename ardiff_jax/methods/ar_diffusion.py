@@ -58,7 +58,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     own = model.init(rng, method=gpt_lib.GPT.init_all)["params"]
     return {**own, **refinement.init_params(jax.random.fold_in(rng, 1))}
 
-  def loss_fn(params, batch, rng, step, extras):
+  def loss_fn(params, batch, rng, step, extras, ema_params=None):
     del step
     r_tok, r_drop, r_dropout, r_diff = jax.random.split(rng, 4)
     tokens = lt.tokens_from_moments(batch["moments"], r_tok, scale, a.patch_size)   # [B, L, C]
@@ -72,9 +72,13 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     fixed_head = lambda x, t, zz: model.apply({"params": jax.lax.stop_gradient(own)}, x, t, zz,
                                               method=gpt_lib.GPT.head)
     weights = jnp.ones((b, seq_len))
+    teacher = None
+    if refinement.uses_teacher:   # causal: the same context, the EMA weights
+      ema = {"params": jax.lax.stop_gradient(condref.generator_params(ema_params))}
+      teacher = (model.apply(ema, tokens, batch["label"]), weights)
     z_head, extra, ref_terms, extras = refinement.training_terms(
         params, z, tokens, labels, batch["label"], weights, extras, jax.random.fold_in(rng, 7),
-        fixed_head)
+        fixed_head, teacher)
     loss, terms = diffloss_loss(head, train_diffusion, z_head, tokens.reshape(-1, token_dim),
                                 weights.reshape(-1), r_diff, a.diffusion_batch_mul)
     return loss + extra, dict(terms, **ref_terms), extras
@@ -106,4 +110,5 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
                 batch_keys=("moments", "label"), decay_mask=lt.no_decay_in_head, generate=generate,
                 generate_from="labels", load_frozen=lt.tokenizer_loader(a.tokenizer_workdir),
                 init_frozen=lt.tokenizer_init(config), init_extras=refinement.init_extras,
-                sampling_params=refinement.sampling_params, condition_probe=probe)
+                sampling_params=refinement.sampling_params, condition_probe=probe,
+                loss_reads_ema=refinement.uses_teacher)

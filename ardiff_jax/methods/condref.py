@@ -18,6 +18,10 @@ with the run) and filled after each step from
                       loss (the shared head must denoise x from E_φ(x)); the head's parameters are
                       held fixed in that loss, so E_φ learns to speak the head's condition language
                       and the head keeps learning from the AR network's conditions alone.
+  `ema_teacher`      ŷ = the EMA model's conditions under more context: MAR masks only the first
+                      `teacher_mask_scale` × (the student's masked count) of the same order, and its
+                      conditions at those positions join the queue; the causal AR cannot see more
+                      than the past, so its teacher differs only by the averaged weights.
 
 Modes (`condref.mode`):
   `off`      nothing changes;
@@ -31,7 +35,8 @@ Modes (`condref.mode`):
              and R reads the queue *before* this batch is pushed, so the head's input never holds the
              current sample's own ground truth.
 
-Choices the paper leaves open (ours, config fields): the reference (`inverse_encoder`), feature
+Choices the paper leaves open (ours, config fields): the reference (`inverse_encoder`, whose E_φ
+also gives the condition-error analysis its ideal condition), feature
 scales set relative to the mean squared distance between the two point sets (`class_cost`,
 `position_cost`: the extra cost of a class or position mismatch in units of that mean), the null
 class (CFG) gets a zero class feature (equidistant from every class), refinement starts once the
@@ -54,14 +59,15 @@ from ardiff_jax.models import vit
 from ardiff_jax.models.diffloss import diffloss_loss
 
 MODES = ("off", "probe", "loss", "runtime")
-REFERENCES = ("inverse_encoder",)
+REFERENCES = ("inverse_encoder", "ema_teacher")
 
 
 def condref_config() -> ml_collections.ConfigDict:
   """The `condref` section of a generator config (defaults from the design notes, §2.2–2.3)."""
   r = ml_collections.ConfigDict()
   r.mode = "off"               # off | probe | loss | runtime
-  r.reference = "inverse_encoder"
+  r.reference = "inverse_encoder"   # or "ema_teacher"
+  r.teacher_mask_scale = 0.5   # ema_teacher with MAR: the teacher masks this fraction of the student's
   r.num_steps = 1              # K JKO steps
   r.tau = 1.0                  # JKO step size τ
   r.lam = 0.0                  # λ: pull toward the paired ŷ inside R (loss mode only)
@@ -258,9 +264,14 @@ class ConditionRefinement:
   def inverse(self) -> InverseEncoder:
     return InverseEncoder(self.cond_dim, self.seq_len, self.cfg.inverse_width, self.cfg.inverse_depth)
 
+  @property
+  def uses_teacher(self) -> bool:
+    """True when the reference comes from the EMA model (the loss then reads the EMA weights)."""
+    return self.enabled and self.cfg.reference == "ema_teacher"
+
   def init_params(self, rng: jax.Array) -> dict:
-    """{INVERSE_KEY: E_φ params} (empty when off)."""
-    if not self.enabled:
+    """{INVERSE_KEY: E_φ params} (empty when off or with the EMA-teacher reference)."""
+    if not self.enabled or self.uses_teacher:
       return {}
     x = jnp.zeros((1, self.token_dim), jnp.float32)
     return {INVERSE_KEY: self.inverse.init(rng, x, jnp.zeros((1,), jnp.int32))["params"]}
@@ -295,13 +306,14 @@ class ConditionRefinement:
     return refined, dict(info, move_rms=moved, queue_full=full.astype(jnp.float32))
 
   def training_terms(self, params, z, tokens, labels, true_labels, weights, extras, rng,
-                     fixed_head_fn):
+                     fixed_head_fn, teacher=None):
     """The refinement's part of a generator's training step.
 
     z [B, L, D] conditions, tokens [B, L, C] ground truth, labels [B] as the generator saw them
     (num_classes where dropped for CFG), true_labels [B], weights [B, L] loss weights (masked
     tokens for MAR, all for the causal AR), fixed_head_fn the DiffLoss head with the generator's
-    parameters bound under stop-gradient (E_φ's auxiliary loss must not train it).
+    parameters bound under stop-gradient (E_φ's auxiliary loss must not train it), teacher
+    (`ema_teacher` only) = (EMA conditions [B, L, D], [B, L] where they may join the queue).
     Returns (conditions for the head [B·L, D], extra loss, metrics, new extras).
     """
     r = self.cfg
@@ -313,7 +325,14 @@ class ConditionRefinement:
     positions = jnp.tile(jnp.arange(l), b)
     row_labels = jnp.repeat(labels, l)
     tok_flat = tokens.reshape(b * l, -1)
-    y_hat = self.inverse.apply({"params": params[INVERSE_KEY]}, tok_flat, positions)   # [B·L, D]
+    if self.uses_teacher:
+      if teacher is None:
+        raise ValueError("condref.reference='ema_teacher' needs the EMA model's conditions")
+      y_hat = jax.lax.stop_gradient(teacher[0].reshape(b * l, d).astype(jnp.float32))
+      push_weights = teacher[1].reshape(-1).astype(jnp.float32)
+    else:
+      y_hat = self.inverse.apply({"params": params[INVERSE_KEY]}, tok_flat, positions)  # [B·L, D]
+      push_weights = w
     r_ref, r_aux, r_push = jax.random.split(rng, 3)
     queue = extras[QUEUE_KEY]
     use_lambda = r.mode == "loss"
@@ -337,13 +356,14 @@ class ConditionRefinement:
       head_in = z_flat + jax.lax.stop_gradient(refined.astype(z_flat.dtype) - z_flat)
       gap = wmean(jnp.mean((zf - refined) ** 2, -1))
     metrics["condref/gap"] = gap
-    metrics["condref/inverse_gap"] = wmean(jnp.mean((zf - jax.lax.stop_gradient(y_hat)) ** 2, -1))
-    # E_φ's own training signal: the head (held fixed) must denoise x given E_φ(x).
-    aux, _ = diffloss_loss(fixed_head_fn, create_diffusion(1000), y_hat, tok_flat, w, r_aux, 1)
-    extra += r.inverse_weight * aux
-    metrics["condref/inverse_loss"] = aux
+    metrics["condref/reference_gap"] = wmean(jnp.mean((zf - jax.lax.stop_gradient(y_hat)) ** 2, -1))
+    if not self.uses_teacher:
+      # E_φ's own training signal: the head (held fixed) must denoise x given E_φ(x).
+      aux, _ = diffloss_loss(fixed_head_fn, create_diffusion(1000), y_hat, tok_flat, w, r_aux, 1)
+      extra += r.inverse_weight * aux
+      metrics["condref/inverse_loss"] = aux
     # Push after use: the queue this step refined against never held this batch.
-    idx = fit_rows(r_push, w, min(int(r.push_per_step), b * l))
+    idx = fit_rows(r_push, push_weights, min(int(r.push_per_step), b * l))
     queue = push(queue, y_hat[idx], jnp.repeat(true_labels, l)[idx], positions[idx])
     return head_in, extra, metrics, dict(extras, **{QUEUE_KEY: queue})
 

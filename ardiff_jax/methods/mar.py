@@ -66,7 +66,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     own = model.init(rng, method=mar_lib.MAR.init_all)["params"]
     return {**own, **refinement.init_params(jax.random.fold_in(rng, 1))}
 
-  def loss_fn(params, batch, rng, step, extras):
+  def loss_fn(params, batch, rng, step, extras, ema_params=None):
     del step
     r_tok, r_order, r_ratio, r_drop, r_dropout, r_diff = jax.random.split(rng, 6)
     own = condref.generator_params(params)
@@ -85,9 +85,16 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     fixed_head = lambda x, t, zz: model.apply({"params": jax.lax.stop_gradient(own)}, x, t, zz,
                                               method=mar_lib.MAR.head)
     seen_labels = jnp.where(drop, config.data.num_classes, batch["label"])
+    teacher = None
+    if refinement.uses_teacher:   # the EMA model with more context: a prefix of the same order
+      scale_t = refinement.cfg.teacher_mask_scale
+      t_mask = mar_lib.mask_by_order(orders, jnp.maximum(1, jnp.ceil(num_masked * scale_t)).astype(jnp.int32))
+      ema = {"params": jax.lax.stop_gradient(condref.generator_params(ema_params))}
+      t_cls = model.apply(ema, batch["label"], method=mar_lib.MAR.class_embedding)
+      teacher = (model.apply(ema, tokens, t_mask, t_cls), t_mask)
     z_head, extra, ref_terms, extras = refinement.training_terms(
         params, z, tokens, seen_labels, batch["label"], mask, extras, jax.random.fold_in(rng, 7),
-        fixed_head)
+        fixed_head, teacher)
     loss, terms = diffloss_loss(head, train_diffusion, z_head, tokens.reshape(-1, token_dim),
                                 mask.reshape(-1), r_diff, m.diffusion_batch_mul)
     return loss + extra, dict(terms, mask_ratio=num_masked / seq_len, **ref_terms), extras
@@ -141,4 +148,5 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
                 batch_keys=("moments", "label"), decay_mask=decay_mask, generate=generate,
                 generate_from="labels", load_frozen=lt.tokenizer_loader(m.tokenizer_workdir),
                 init_frozen=lt.tokenizer_init(config), init_extras=refinement.init_extras,
-                sampling_params=refinement.sampling_params, condition_probe=probe)
+                sampling_params=refinement.sampling_params, condition_probe=probe,
+                loss_reads_ema=refinement.uses_teacher)

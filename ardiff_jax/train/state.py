@@ -80,29 +80,33 @@ def train_step(state: TrainState, batch: dict, *, method: Method,
   increments `num_nonfinite` (DESIGN.md, nan_policy).
   """
   rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
+  ema_in = state.ema_params if method.loss_reads_ema else None
   grad_fn = jax.value_and_grad(
-      lambda p, b, r: _loss_with_aux(method, p, b, r, state.step, state.extras), has_aux=True)
+      lambda p, b, r: _loss_with_aux(method, p, b, r, state.step, state.extras, ema_in),
+      has_aux=True)
   num_micro = int(cfg.train.grad_accum_steps)
   if num_micro <= 1:
     (loss, (metrics, extras)), grads = grad_fn(state.params, batch, rng)
   else:
     micro = _split_micro(batch, num_micro)
 
+    # Every micro-batch reads the step's extras; the new extras are the last micro-batch's (a
+    # method's state, e.g. a reference queue, advances once per step).
     def body(carry, xs):
       i, mb = xs
-      (l, (m, _)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-      acc_l, acc_m, acc_g = carry
-      return (acc_l + l, jax.tree.map(jnp.add, acc_m, m), jax.tree.map(jnp.add, acc_g, g)), None
+      (l, (m, e)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+      acc_l, acc_m, acc_g, _ = carry
+      return (acc_l + l, jax.tree.map(jnp.add, acc_m, m), jax.tree.map(jnp.add, acc_g, g), e), None
 
     zeros_g = jax.tree.map(jnp.zeros_like, state.params)
     _, (m0, _) = jax.eval_shape(
         lambda: _loss_with_aux(method, state.params, jax.tree.map(lambda x: x[0], micro), rng,
-                               state.step, state.extras))
+                               state.step, state.extras, ema_in))
     zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
-    (loss, metrics, grads), _ = jax.lax.scan(
-        body, (jnp.zeros((), jnp.float32), zeros_m, zeros_g), (jnp.arange(num_micro), micro))
+    (loss, metrics, grads, extras), _ = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), zeros_m, zeros_g, state.extras),
+        (jnp.arange(num_micro), micro))
     loss, metrics, grads = jax.tree.map(lambda x: x / num_micro, (loss, metrics, grads))
-    extras = state.extras  # methods with extras update them once per step, not per micro-batch
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -119,8 +123,12 @@ def train_step(state: TrainState, batch: dict, *, method: Method,
   return new_state, metrics
 
 
-def _loss_with_aux(method, params, batch, rng, step, extras):
-  loss, metrics, new_extras = method.loss_fn(params, batch, rng, step, extras)
+def _loss_with_aux(method, params, batch, rng, step, extras, ema_params=None):
+  if method.loss_reads_ema:
+    loss, metrics, new_extras = method.loss_fn(params, batch, rng, step, extras,
+                                               ema_params=ema_params)
+  else:
+    loss, metrics, new_extras = method.loss_fn(params, batch, rng, step, extras)
   return loss, (metrics, new_extras)
 
 

@@ -272,3 +272,26 @@ def test_fit_decay_recovers_an_exponential():
   steps = np.arange(20)
   fit = condition_error.fit_decay(steps, 2.0 * 0.8 ** steps + 0.5)
   assert abs(fit["beta"] - 0.8) < 0.006 and abs(fit["m"] - 0.5) < 0.02 and fit["r2"] > 0.999
+
+
+def test_ema_teacher_reference_with_gradient_accumulation():
+  """The EMA model's conditions fill the queue (no E_φ is created); with 2 micro-batches the queue
+  advances once per step, from the last micro-batch."""
+  config = load_config("mar_digits", "tiny")
+  config.tokenizer.latent_scale = 1.0
+  _small(config.condref, "loss")
+  config.condref.reference = "ema_teacher"
+  config.train.grad_accum_steps = 2
+  exp = build_experiment(config)
+  assert exp.method.loss_reads_ema and cr.INVERSE_KEY not in exp.abstract_state.params
+  state = init_state(0, exp.method, exp.tx, exp.shardings)
+  step = jit_train_step(exp.method, exp.tx, exp.schedule, config, exp.mesh, exp.shardings)
+  rng = np.random.default_rng(5)
+  batch = shd.global_batch(
+      {"moments": rng.normal(size=(16, 8, 8, 8)).astype(np.float32),
+       "label": (np.arange(16) % 10).astype(np.int32)}, exp.mesh)
+  state, metrics = step(state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  queue = state.extras[cr.QUEUE_KEY]
+  assert int(queue["count"]) == 64
+  assert float(jnp.abs(queue["conditions"][:64]).sum()) > 0
