@@ -4,7 +4,8 @@ The same tokens as `configs/mar_digits.py` (16 tokens of 16 dims), raster order,
 (4 Llama blocks of width 128, head 2×128). Departures from the ImageNet recipe, for a short CPU
 run: lr 1e-3, EMA 0.999, 50 DDPM steps when sampling.
 Args: steps, batch, kl (the tokenizer run), tiny (a seconds-long smoke run for the tests),
-condref (off | probe | loss | runtime: condition refinement, methods/condref.py).
+condref (off | probe | loss | runtime: condition refinement, methods/condref.py),
+order (raster | random).
 """
 from ardiff_jax import configlib
 from ardiff_jax.methods.ar_diffusion import ar_base_config
@@ -14,12 +15,13 @@ from ardiff_jax.methods.latent_tokens import (use_digits_condref, use_digits_lat
 
 def get_config(arg=None):
   a = configlib.parse_arg(arg, steps=1500, batch=64, kl="workdirs/demo/kl", tiny=False,
-                          condref="off")
+                          condref="off", order="raster")
   c = ar_base_config("gpt_small", a.batch)
   use_digits_latents(c, c.ar, a.kl, a.tiny)
 
   use_digits_run(c, c.ar, a.steps, a.tiny)
   use_digits_condref(c, a.condref)
+  c.ar.order = a.order
   if a.tiny:
     c.ar.preset = "gpt_tiny"
   return c

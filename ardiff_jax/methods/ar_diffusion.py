@@ -5,8 +5,9 @@ For cached posterior moments: tokens x_1..x_L = patchify(scale · posterior samp
   z = GPT([class or null, x_1 … x_{L−1}])           (labels dropped to the null row with p = label_drop)
   L = Σ_copies [ mean_c (ε − ε̂)² + L_vlb ] / #copies over all L tokens, each repeated
       `diffusion_batch_mul` times with its own t (teacher forcing: every position is trained).
-Raster order only for now (`ar.order = "random"` is refused until implemented).
-Sampling (`sampling/ar.py`) decodes raster order with a KV cache.
+`ar.order = "random"`: one random permutation per image and step (MAR Table 1's causal
+random-order AR; the model learns an embedding of the next position, models/gpt.py).
+Sampling (`sampling/ar.py`) decodes in raster or a random order with a KV cache.
 """
 from __future__ import annotations
 
@@ -19,15 +20,19 @@ from ardiff_jax.methods import Method
 from ardiff_jax.methods import condref
 from ardiff_jax.methods import latent_tokens as lt
 from ardiff_jax.models import gpt as gpt_lib
+from ardiff_jax.models import mar as mar_lib
 from ardiff_jax.models.diffloss import diffloss_loss
 from ardiff_jax.sampling.ar import sample_tokens
+
+
+ORDERS = ("raster", "random")
 
 
 def ar_config(preset: str = "gpt_xl") -> ml_collections.ConfigDict:
   """Defaults of the `ar` config section (MAR's DiffLoss settings; constant CFG, raster order)."""
   a = lt.generator_section(preset)
   a.cfg_schedule = "constant"                   # or "linear": 1 + (s − 1)(i + 1)/L
-  a.order = "raster"
+  a.order = "raster"                            # or "random"
   return a
 
 
@@ -37,15 +42,15 @@ def ar_base_config(preset: str, batch_size: int) -> ml_collections.ConfigDict:
 
 def build_model(config: ml_collections.ConfigDict) -> gpt_lib.GPT:
   seq_len, token_dim = lt.token_geometry(config, config.ar.patch_size)
+  if config.ar.order not in ORDERS:
+    raise ValueError(f"ar.order={config.ar.order!r}: expected one of {ORDERS}")
   return gpt_lib.make_gpt(config.ar.preset, token_dim=token_dim, seq_len=seq_len,
-                          num_classes=config.data.num_classes,
+                          num_classes=config.data.num_classes, random_order=config.ar.order == "random",
                           dtype=jnp.dtype(config.train.compute_dtype), **lt.overrides(config.ar))
 
 
 def make_method(config: ml_collections.ConfigDict) -> Method:
   a = config.ar
-  if a.order != "raster":
-    raise NotImplementedError(f"ar.order={a.order!r}: only 'raster' is implemented so far")
   model = build_model(config)
   seq_len, token_dim = lt.token_geometry(config, a.patch_size)
   scale = lt.token_scale(config)
@@ -61,13 +66,15 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   def loss_fn(params, batch, rng, step, extras, ema_params=None):
     del step
     r_tok, r_drop, r_dropout, r_diff = jax.random.split(rng, 4)
+    order = (mar_lib.sample_orders(jax.random.fold_in(rng, 8), batch["label"].shape[0], seq_len)
+             if model.random_order else None)
     tokens = lt.tokens_from_moments(batch["moments"], r_tok, scale, a.patch_size)   # [B, L, C]
     b = tokens.shape[0]
     drop = jax.random.uniform(r_drop, (b,)) < a.label_drop
     labels = jnp.where(drop, config.data.num_classes, batch["label"])
     own = condref.generator_params(params)
     apply = lambda *args, **kw: model.apply({"params": own}, *args, **kw)
-    z = apply(tokens, labels, deterministic=False, rngs={"dropout": r_dropout})
+    z = apply(tokens, labels, deterministic=False, order=order, rngs={"dropout": r_dropout})
     head = lambda x, t, zz: apply(x, t, zz, method=gpt_lib.GPT.head)
     fixed_head = lambda x, t, zz: model.apply({"params": jax.lax.stop_gradient(own)}, x, t, zz,
                                               method=gpt_lib.GPT.head)
@@ -75,7 +82,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     teacher = None
     if refinement.uses_teacher:   # causal: the same context, the EMA weights
       ema = {"params": jax.lax.stop_gradient(condref.generator_params(ema_params))}
-      teacher = (model.apply(ema, tokens, batch["label"]), weights)
+      teacher = (model.apply(ema, tokens, batch["label"], order=order), weights)
     z_head, extra, ref_terms, extras = refinement.training_terms(
         params, z, tokens, labels, batch["label"], weights, extras, jax.random.fold_in(rng, 7),
         fixed_head, teacher)
@@ -84,12 +91,18 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     return loss + extra, dict(terms, **ref_terms), extras
 
   def probe_conditions(params, moments, labels, rng):
-    """Teacher-forced conditions: z_i sees x_<i; step i is position i (raster order)."""
+    """Teacher-forced conditions: z at position o_i sees x_{o_<i}; its AR step is i (raster:
+    o_i = i; random order: one permutation per image)."""
     own = condref.generator_params(params)
-    tokens = lt.tokens_from_moments(moments, rng, scale, a.patch_size)
-    z = model.apply({"params": own}, tokens, labels)
-    z_null = model.apply({"params": own}, tokens, jnp.full_like(labels, config.data.num_classes))
-    step = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), tokens.shape[:2])
+    r_tok, r_order = jax.random.split(rng)
+    tokens = lt.tokens_from_moments(moments, r_tok, scale, a.patch_size)
+    b = tokens.shape[0]
+    order = mar_lib.sample_orders(r_order, b, seq_len) if model.random_order else None
+    z = model.apply({"params": own}, tokens, labels, order=order)
+    z_null = model.apply({"params": own}, tokens, jnp.full_like(labels, config.data.num_classes),
+                         order=order)
+    step = (jnp.argsort(order, axis=1).astype(jnp.int32) if order is not None else
+            jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (b, seq_len)))
     return {"tokens": tokens, "z": z, "z_null": z_null, "step": step}
 
   probe = condref.ConditionProbe(

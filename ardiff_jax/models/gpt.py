@@ -11,6 +11,13 @@ query and key. Class table: num_classes + 1 rows, the last one the null class fo
 Dropout: token-embedding 0.1, residual 0.1, FFN 0.1, no attention-probability dropout.
 Init: Linear and embeddings N(0, 0.02).
 Decoding uses a static per-layer KV cache (`decode_step`), equal to the full causal forward.
+
+Random order (`random_order=True`, MAR Table 1's "AR, random order, causal"): the sequence is
+[class, x_{o_1} … x_{o_{L−1}}] for a permutation o per image; each input is rotated by RoPE at its
+own grid position (the class token keeps the zero row) and gets a learned embedding of the
+position it must predict next (`target_pos_embed[o_k]`, our choice after σ-GPT / RandAR: a
+causal model cannot otherwise know which token comes next). The conditions are returned in grid
+order, so the loss and the head do not see the permutation.
 """
 from __future__ import annotations
 
@@ -63,9 +70,11 @@ def rope_2d_table(grid: int, head_dim: int, cls_tokens: int = 1, base: float = 1
 
 
 def apply_rope(x: jax.Array, table: jax.Array) -> jax.Array:
-  """x [B, T, H, hd] rotated pairwise by table [T, hd/2, 2] (interleaved pairs, gpt-fast style)."""
+  """x [B, T, H, hd] rotated pairwise by table [T, hd/2, 2] or, one row set per image,
+  [B, T, hd/2, 2] (interleaved pairs, gpt-fast style)."""
   xs = x.astype(jnp.float32).reshape(x.shape[:-1] + (-1, 2))
-  cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+  table = table[None] if table.ndim == 3 else table
+  cos, sin = table[:, :, None, :, 0], table[:, :, None, :, 1]
   out = jnp.stack([xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], -1)
   return out.reshape(x.shape).astype(x.dtype)
 
@@ -94,7 +103,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, rope, *, cache=None, cache_index=None, deterministic=True):
-    """x [B, T, D]; rope [T, hd/2, 2]. Without a cache: causal attention over the T positions.
+    """x [B, T, D]; rope [T, hd/2, 2] or [B, T, hd/2, 2]. Without a cache: causal attention over the T positions.
     With cache (k, v) [B, S, H, hd]: writes this step's keys/values at `cache_index` and attends
     to positions ≤ cache_index + t. Returns (x, new cache)."""
     b, t, _ = x.shape
@@ -137,10 +146,15 @@ class GPT(nn.Module):
   dropout: float = 0.1           # token-embedding, residual and FFN dropout
   head_depth: int = 6            # DiffLoss MLP (MAR's head; the condition-refinement paper's "GPT-XL")
   head_width: int = 1024
+  random_order: bool = False     # learn `target_pos_embed` and train/sample in random orders
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
     self.diffloss = SimpleMLPAdaLN(self.token_dim, self.head_width, self.head_depth, self.dtype)
+    if self.random_order:
+      self.target_pos_embed = self.param(
+          "target_pos_embed", nn.with_logical_partitioning(_init, ("length", "embed")),
+          (self.seq_len, self.width))
     self.cls_embedding = nn.Embed(self.num_classes + 1, self.width, name="cls_embedding",
                                   embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
     self.tok_embeddings = _dense(self.width, (None, "embed"), "tok_embeddings", self.dtype)
@@ -159,12 +173,35 @@ class GPT(nn.Module):
     x = jnp.concatenate([cls, self.tok_embeddings(tokens.astype(self.dtype))], axis=1)
     return self.tok_dropout(x, deterministic=deterministic)
 
-  def __call__(self, tokens, labels, deterministic: bool = True):
-    """Teacher forcing: tokens [B, L, C] -> z [B, L, D], z_i conditioning token i on x_<i."""
-    x = self.embed(tokens[:, :-1], labels, deterministic)
+  def __call__(self, tokens, labels, deterministic: bool = True, order=None):
+    """Teacher forcing: tokens [B, L, C] -> z [B, L, D] in grid order, z_p conditioning token p on
+    the tokens before it in `order` [B, L] (a permutation per image; None = raster)."""
+    if order is None:
+      x = self.embed(tokens[:, :-1], labels, deterministic)
+      rope = self.rope[: x.shape[1]]
+      order = jnp.broadcast_to(jnp.arange(self.seq_len), tokens.shape[:1] + (self.seq_len,))
+      raster = True
+    else:
+      seq = jnp.take_along_axis(tokens, order[:, :-1, None], axis=1)
+      x = self.embed(seq, labels, deterministic)
+      rope = self.rope_rows(jnp.concatenate([jnp.full_like(order[:, :1], -1), order[:, :-1]], 1))
+      raster = False
+    if self.random_order:
+      x = x + self.target_embed(order)
     for layer in self.layers:
-      x, _ = layer(x, self.rope[: x.shape[1]], deterministic=deterministic)
-    return self.norm(x)
+      x, _ = layer(x, rope, deterministic=deterministic)
+    z = self.norm(x)
+    if raster:
+      return z
+    return jnp.take_along_axis(z, jnp.argsort(order, axis=1)[..., None], axis=1)
+
+  def rope_rows(self, positions):
+    """RoPE rows [.., hd/2, 2] of the tokens at grid `positions` (−1: the class token's zero row)."""
+    return self.rope[positions + 1]
+
+  def target_embed(self, positions):
+    """[B, T, D]: the learned embedding of the grid position each input slot predicts next."""
+    return self.target_pos_embed[positions].astype(self.dtype)
 
   def head(self, x_t, t, z):
     """The DiffLoss MLP: (x_t [N, C], t [N], z [N, D]) -> [N, 2C]."""
@@ -181,9 +218,11 @@ class GPT(nn.Module):
     shape = (batch, self.seq_len + 1, self.num_heads, hd)
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.depth)]
 
-  def decode_step(self, x_emb, index, cache):
-    """One cached step: x_emb [B, T, D] at positions index..index+T−1 -> (z [B, T, D], cache)."""
-    rope = jax.lax.dynamic_slice_in_dim(self.rope, index, x_emb.shape[1], axis=0)
+  def decode_step(self, x_emb, index, cache, rope=None):
+    """One cached step: x_emb [B, T, D] at sequence slots index..index+T−1 -> (z [B, T, D], cache).
+    `rope` [B, T, hd/2, 2] gives each image's rows (random order); None: raster rows."""
+    if rope is None:
+      rope = jax.lax.dynamic_slice_in_dim(self.rope, index, x_emb.shape[1], axis=0)
     new_cache = []
     for layer, c in zip(self.layers, cache):
       x_emb, c = layer(x_emb, rope, cache=c, cache_index=index)

@@ -21,9 +21,12 @@ def _tiny_config(name="mar_digits"):
   return config
 
 
-@pytest.mark.parametrize("name", ["mar_digits", "ar_diffusion_digits"])
+@pytest.mark.parametrize("name", ["mar_digits", "ar_diffusion_digits", "ar_diffusion_digits:random"])
 def test_training_steps_reduce_the_loss_on_a_fixed_batch(name):
+  name, _, order = name.partition(":")
   config = _tiny_config(name)
+  if order:
+    config.ar.order = order
   config.optim.warmup_steps, config.optim.lr = 0, 3e-3
   exp = build_experiment(config)
   state = init_state(0, exp.method, exp.tx, exp.shardings)
