@@ -28,12 +28,18 @@ Modes (`condref.mode`):
   `probe`    the baseline with the instruments: E_φ trains and the queue fills (for the
              condition-error analysis), the generator's loss and conditions are untouched (E_φ's
              input is ground truth and the head is held fixed in its loss, so no gradient reaches
-             the generator; only the global-norm clip sees E_φ's gradients too);
-  `loss`     L = L_diff(z) + w·‖z − sg(R(z))‖² + w_λ·‖z − sg(ŷ)‖² (+ w_inv·L_aux); sampling unchanged;
+             the generator; only the global-norm clip sees E_φ's gradients too). The logged `loss`
+             includes w_inv·L_aux; compare runs on `mse` + `vb`;
+  `loss`     L = L_diff(z) + w·‖z − sg(R(z))‖² + w_λ·‖z − sg(ŷ)‖² (+ w_inv·L_aux), the squared
+             norms averaged over the D dimensions and the loss tokens; sampling unchanged;
   `runtime`  the head consumes z + sg(R(z) − z) (value R(z), gradient of the identity) in training,
              and R is applied at every sampling step against the checkpointed queue. λ is 0 inside R,
              and R reads the queue *before* this batch is pushed, so the head's input never holds the
-             current sample's own ground truth.
+             current sample's own ground truth. (On a dataset of few batches per epoch, keep
+             the queue's span, queue_size / push_per_step steps, below an epoch, or an image seen
+             at the end of one epoch and the start of the next meets its own E_φ(x).) At sampling
+             the OT is fitted on the conditional rows of the step only (the CFG null half and the
+             padding slots get no weight); in training on the loss tokens of the batch.
 
 Choices the paper leaves open (ours, config fields): the reference (`inverse_encoder`, whose E_φ
 also gives the condition-error analysis its ideal condition), feature
@@ -72,7 +78,7 @@ def condref_config() -> ml_collections.ConfigDict:
   r.tau = 1.0                  # JKO step size τ
   r.lam = 0.0                  # λ: pull toward the paired ŷ inside R (loss mode only)
   r.epsilon = 0.05             # entropic ε, relative to the std of the cost matrix
-  r.sinkhorn_iterations = 64   # fixed, so the solve is a lax.scan of predictable cost
+  r.sinkhorn_iterations = 60   # fixed (a multiple of ott's 10 inner iterations): a lax.scan
   r.tau_b = 0.9                # reference-side marginal relaxation (1 = balanced)
   r.num_points = 1024          # N: batch conditions the OT is fitted on (fewer if the batch is small)
   r.num_reference = 2048       # N': reference conditions drawn from the queue per solve
@@ -96,6 +102,13 @@ def validate(r: ml_collections.ConfigDict) -> None:
   if r.num_reference > r.queue_size:
     raise ValueError(f"condref.num_reference={r.num_reference} exceeds condref.queue_size="
                      f"{r.queue_size}; the reference is drawn from the queue without replacement")
+  if r.sinkhorn_iterations <= 0 or r.sinkhorn_iterations % 10:
+    raise ValueError(f"condref.sinkhorn_iterations={r.sinkhorn_iterations}: use a positive multiple "
+                     "of 10 (ott-jax runs fixed iterations in blocks of 10 and would round down)")
+  if r.reference == "ema_teacher" and (r.lam or r.lambda_weight):
+    raise ValueError("condref.lam and condref.lambda_weight need a paired ideal condition for every "
+                     "loss token; the EMA teacher gives one only where it masks (use "
+                     "reference='inverse_encoder')")
   if r.mode == "runtime" and r.lam:
     raise ValueError("condref.lam must be 0 in runtime mode: ŷ holds the sample's own ground truth "
                      "and must never reach the denoiser's input")
@@ -125,8 +138,11 @@ def entropic_map(x: jax.Array, y: jax.Array, *, epsilon: float, iterations: int,
   """Fits entropic OT from x [n, d] to y [m, d] (uniform weights, squared Euclidean cost) and
   returns (T, diagnostics), T: [k, d] -> [k, d] the entropic map (x − ½∇f), usable out of sample.
 
-  The solve runs in float32 with a fixed number of Sinkhorn iterations under stop-gradient.
+  The solve runs in float32 with a fixed number of Sinkhorn iterations (a multiple of 10: ott-jax
+  runs them in blocks of 10) under stop-gradient.
   """
+  if iterations <= 0 or iterations % 10:
+    raise ValueError(f"iterations={iterations}: use a positive multiple of 10")
   x, y = (jax.lax.stop_gradient(a.astype(jnp.float32)) for a in (x, y))
   geom = pointcloud.PointCloud(x, y, epsilon=epsilon, relative_epsilon="std")
   out = linear.solve(geom, tau_b=tau_b, min_iterations=iterations, max_iterations=iterations)
@@ -211,9 +227,15 @@ def draw_reference(queue: dict, rng: jax.Array, n: int) -> tuple[jax.Array, jax.
 
 
 def fit_rows(rng: jax.Array, weights: jax.Array, n: int) -> jax.Array:
-  """n distinct row indices drawn among rows with weight > 0 (Gumbel top-k; fixed shape)."""
-  scores = jax.random.gumbel(rng, weights.shape) + jnp.where(weights > 0, 0.0, -1e9)
-  return jax.lax.top_k(scores, n)[1]
+  """n row indices among rows with weight > 0, fixed shape: distinct (Gumbel top-k) while there are
+  enough such rows, the rest re-drawn from them with replacement (never a zero-weight row, unless
+  every weight is zero)."""
+  r_top, r_fill = jax.random.split(rng)
+  positive = weights > 0
+  top = jax.lax.top_k(jax.random.gumbel(r_top, weights.shape) + jnp.where(positive, 0.0, -1e9), n)[1]
+  p = jnp.where(positive.any(), positive / jnp.maximum(positive.sum(), 1), 1.0 / weights.shape[0])
+  fill = jax.random.choice(r_fill, weights.shape[0], (n,), p=p)
+  return jnp.where(positive[top], top, fill)
 
 
 # --------------------------------------------------------------- the inverse encoder E_φ

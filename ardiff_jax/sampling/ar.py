@@ -58,7 +58,8 @@ def sample_tokens(model: GPT, params, labels: jax.Array, rng: jax.Array, *,
     else:
       scale = None
     if refine_fn is not None:
-      z = refine_fn(z, cond, pos, jnp.ones(cond.shape), jax.random.fold_in(sub, 1))
+      sub, r_ref = jax.random.split(sub)   # the OT is fitted on the conditional half only
+      z = refine_fn(z, cond, pos, (cond < model.num_classes).astype(jnp.float32), r_ref)
     x = diffloss_sample(head_fn, c, diffusion, z, sub, temperature, scale, clip_x0)   # [B, C]
     tokens = tokens.at[jnp.arange(b), orders[:, i]].set(x.astype(tokens.dtype))
     emb = inputs(apply(double(x)[:, None], method=GPT.embed_tokens),

@@ -73,8 +73,10 @@ def sample_tokens(model: MAR, params, labels: jax.Array, rng: jax.Array, *,
     zsel = jnp.take_along_axis(z, gather_pos[..., None], axis=1).reshape(-1, z.shape[-1])
     if refine_fn is not None:
       row_labels = jnp.repeat(cond_labels, k_max)
-      fit = jnp.tile(valid, cond_labels.shape[0]).astype(jnp.float32)   # padding slots not fitted
-      zsel = refine_fn(zsel, row_labels, gather_pos.reshape(-1), fit, jax.random.fold_in(sub, 1))
+      # The OT is fitted on the conditional rows' real slots (not the null half, not the padding).
+      fit = (jnp.tile(valid, cond_labels.shape[0]) & (row_labels < model.num_classes)).astype(jnp.float32)
+      sub, r_ref = jax.random.split(sub)
+      zsel = refine_fn(zsel, row_labels, gather_pos.reshape(-1), fit, r_ref)
     scale = cfg_at(cfg_scale, cfg_schedule, cfg_len, l) if use_cfg else None
     new = diffloss_sample(head_fn, c, diffusion, zsel, sub, temperature, scale, clip_x0)
     new = new.reshape(b, k_max, c)

@@ -13,7 +13,7 @@ from ardiff_jax.parallel import sharding as shd
 from ardiff_jax.train import checkpoint
 from ardiff_jax.train.loop import build_experiment
 from ardiff_jax.train.state import init_state, jit_train_step
-from tests.helpers import load_config
+from tests.helpers import load_config, perturb_head_outputs
 
 
 # ------------------------------------------------------------------ float64 references
@@ -148,13 +148,21 @@ def test_queue_is_fifo_and_refinement_waits_until_it_is_full():
   np.testing.assert_array_equal(q["positions"], [4, 5, 2, 3])
   assert int(q["count"]) == 6 and bool(cr.queue_full(q))
   r = cr.condref_config()
-  r.update(num_points=4, num_reference=4, queue_size=8, sinkhorn_iterations=5)
+  r.update(num_points=4, num_reference=4, queue_size=8, sinkhorn_iterations=10)
   refinement = cr.ConditionRefinement(r, seq_len=6, cond_dim=2, token_dim=2, num_classes=3)
   z = jnp.arange(8.0).reshape(4, 2)
   out, info = refinement.refine(z, jnp.zeros(4, jnp.int32), jnp.zeros(4, jnp.int32), jnp.ones(4),
                                 cr.init_queue(8, 2), jax.random.key(0))
   np.testing.assert_array_equal(out, z)
   assert float(info["queue_full"]) == 0.0
+
+
+def test_fit_rows_never_picks_a_zero_weight_row():
+  w = jnp.array([0, 1, 0, 1, 1, 0, 0, 0], jnp.float32)
+  rows = np.asarray(cr.fit_rows(jax.random.key(0), w, 6))
+  assert set(rows) <= {1, 3, 4} and set(rows[:3]) == {1, 3, 4}   # distinct first, then repeats
+  np.testing.assert_array_equal(np.sort(np.asarray(cr.fit_rows(jax.random.key(1), jnp.ones(5), 5))),
+                                np.arange(5))
 
 
 def test_config_errors_name_the_field():
@@ -169,6 +177,14 @@ def test_config_errors_name_the_field():
   r = cr.condref_config()
   r.num_reference = r.queue_size + 1
   with pytest.raises(ValueError, match="queue_size"):
+    cr.validate(r)
+  r = cr.condref_config()
+  r.sinkhorn_iterations = 64
+  with pytest.raises(ValueError, match="multiple of 10"):
+    cr.validate(r)
+  r = cr.condref_config()
+  r.reference, r.lambda_weight = "ema_teacher", 0.1
+  with pytest.raises(ValueError, match="paired ideal condition"):
     cr.validate(r)
 
 
@@ -241,6 +257,13 @@ def test_generators_train_checkpoint_and_sample_with_refinement(name, mode, tmp_
   if mode == "runtime":
     with pytest.raises(ValueError, match="reference queue"):
       exp.method.generate(state.params, frozen, labels, jax.random.key(0))
+    # The same weights against a queue that is not full: no refinement, other samples. (The head
+    # is perturbed so that three training steps' worth of weights already depend on z.)
+    params = exp.method.sampling_params(perturb_head_outputs(state.params, 0.5), state.extras)
+    with_queue = gen(params, frozen, labels, jax.random.key(0))
+    idle = dict(params, **{cr.QUEUE_KEY: dict(params[cr.QUEUE_KEY], count=jnp.zeros((), jnp.int32))})
+    assert not np.array_equal(np.asarray(gen(idle, frozen, labels, jax.random.key(0))),
+                              np.asarray(with_queue))
   # The condition-error analysis on the trained state (all three condition variants).
   moments = jnp.asarray(np.concatenate([rng.normal(size=(4, 8, 8, 4)), np.full((4, 8, 8, 4), -4.0)],
                                        -1), jnp.float32)
@@ -295,3 +318,7 @@ def test_ema_teacher_reference_with_gradient_accumulation():
   queue = state.extras[cr.QUEUE_KEY]
   assert int(queue["count"]) == 64
   assert float(jnp.abs(queue["conditions"][:64]).sum()) > 0
+  # Two more steps: the 128-entry queue is full, so the third step refines against teacher entries.
+  state, _ = step(state, batch)
+  state, metrics = step(state, batch)
+  assert float(metrics["condref/queue_full"]) == 1.0 and float(metrics["condref/move_rms"]) > 0
