@@ -165,26 +165,17 @@ def test_fit_rows_never_picks_a_zero_weight_row():
                                 np.arange(5))
 
 
-def test_config_errors_name_the_field():
+@pytest.mark.parametrize("settings,message", [
+    (dict(mode="always"), "condref.mode"),
+    (dict(mode="runtime", lam=0.5), "lam must be 0 in runtime"),
+    (dict(num_reference=5000), "queue_size"),
+    (dict(sinkhorn_iterations=64), "multiple of 10"),
+    (dict(reference="ema_teacher", lambda_weight=0.1), "paired ideal condition"),
+])
+def test_config_errors_name_the_field(settings, message):
   r = cr.condref_config()
-  r.mode = "always"
-  with pytest.raises(ValueError, match="condref.mode"):
-    cr.validate(r)
-  r = cr.condref_config()
-  r.mode, r.lam = "runtime", 0.5
-  with pytest.raises(ValueError, match="lam must be 0 in runtime"):
-    cr.validate(r)
-  r = cr.condref_config()
-  r.num_reference = r.queue_size + 1
-  with pytest.raises(ValueError, match="queue_size"):
-    cr.validate(r)
-  r = cr.condref_config()
-  r.sinkhorn_iterations = 64
-  with pytest.raises(ValueError, match="multiple of 10"):
-    cr.validate(r)
-  r = cr.condref_config()
-  r.reference, r.lambda_weight = "ema_teacher", 0.1
-  with pytest.raises(ValueError, match="paired ideal condition"):
+  r.update(settings)
+  with pytest.raises(ValueError, match=message):
     cr.validate(r)
 
 
