@@ -29,7 +29,8 @@ demo: $(STAMP)
 	$(BIN)/python -m ardiff_jax.main $(MAR) --mode eval
 	@echo "Pictures: $(DEMO_DIR)/mar/samples/grid_*.png (one row per digit class) and"
 	@echo "          $(DEMO_DIR)/kl/samples/grid_*.png (originals next to reconstructions)."
-	@echo "Metrics:  $(DEMO_DIR)/mar/eval/*.json (FD-clf, class accuracy, precision/recall)."
+	@echo "Metrics:  $(DEMO_DIR)/mar/eval/*.json (FD-clf, class accuracy, precision/recall) and"
+	@echo "          $(DEMO_DIR)/mar/eval/condition_error_*.png (denoising and condition SNR per timestep)."
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

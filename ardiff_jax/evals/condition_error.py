@@ -153,9 +153,14 @@ def plot(result: dict, path: str) -> None:
     axes[2].plot(k, f["M"] * f["beta"] ** (k - k.min()) + f["m"], "-",
                  label=f"M·β^i + m, β={f['beta']:.3f}")
   axes[2].set(xlabel="AR step i", ylabel="‖ε̂(c_i) − ε̂(c_∅)‖/σ_t", title=f"condition score, t={sb['t']}")
+  if not axes[1].lines:
+    axes[1].text(0.5, 0.5, "no ideal condition\n(E_φ is trained only with condref on\nor in probe mode)",
+                 ha="center", va="center", transform=axes[1].transAxes)
   for ax in axes:
-    ax.legend(fontsize=8)
-    ax.invert_xaxis() if ax is not axes[2] else None
+    if ax.lines:
+      ax.legend(fontsize=8)
+  axes[0].invert_xaxis()
+  axes[1].invert_xaxis()
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
