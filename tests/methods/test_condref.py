@@ -213,7 +213,9 @@ def test_runtime_mode_never_feeds_the_samples_own_ground_truth_to_the_head():
   assert not np.allclose(a_extras[cr.QUEUE_KEY]["conditions"], b_extras[cr.QUEUE_KEY]["conditions"])
 
 
-@pytest.mark.parametrize("name,mode", [("mar_digits", "runtime"), ("ar_diffusion_digits", "loss")])
+@pytest.mark.parametrize("name,mode", [
+    ("mar_digits", "runtime"),
+    pytest.param("ar_diffusion_digits", "loss", marks=pytest.mark.slow)])
 def test_generators_train_checkpoint_and_sample_with_refinement(name, mode, tmp_path):
   config = load_config(name, "tiny")
   config.tokenizer.latent_scale = 1.0
@@ -288,6 +290,7 @@ def test_fit_decay_recovers_an_exponential():
   assert abs(fit["beta"] - 0.8) < 0.006 and abs(fit["m"] - 0.5) < 0.02 and fit["r2"] > 0.999
 
 
+@pytest.mark.slow
 def test_ema_teacher_reference_with_gradient_accumulation():
   """The EMA model's conditions fill the queue (no E_φ is created); with 2 micro-batches the queue
   advances once per step, from the last micro-batch."""

@@ -21,7 +21,8 @@ def _tiny_config(name="mar_digits"):
   return config
 
 
-@pytest.mark.parametrize("name", ["mar_digits", "ar_diffusion_digits", "ar_diffusion_digits:random"])
+@pytest.mark.parametrize("name", ["mar_digits", "ar_diffusion_digits",
+                                  pytest.param("ar_diffusion_digits:random", marks=pytest.mark.slow)])
 def test_training_steps_reduce_the_loss_on_a_fixed_batch(name):
   name, _, order = name.partition(":")
   config = _tiny_config(name)
