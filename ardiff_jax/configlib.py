@@ -26,6 +26,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("conv_in", None),
     ("conv_out", "fsdp"),
     ("norm", None),
+    ("layers", None),      # the stacked axis of scanned blocks (models/layers.py)
 )
 
 
@@ -159,7 +160,8 @@ def feature_net_defaults() -> ml_collections.ConfigDict:
   f.widths = (32, 64, 128)   # channels per stage; the penultimate features have widths[-1] dims
   f.blocks_per_stage = 1
   f.stem_stride = 2
-  f.groups = 8
+  f.groups = 8                # GroupNorm groups (norm="group")
+  f.norm = "group"           # "group" | "batch" (running statistics kept with the checkpoint)
   f.steps = 500
   f.batch_size = 64
   f.lr = 3e-3

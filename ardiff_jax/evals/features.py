@@ -8,12 +8,15 @@ evaluations on that dataset reuse it; its held-out accuracy travels with every m
 from it, and a metric always names the feature net it came from.
 
 Architecture (our choice; the papers evaluate on ImageNet with Inception): a pre-activation-free
-ResNet with GroupNorm, `stem_stride` (2 for the upsampled 8×8 digits, whose 32 px carry no more
-detail than 16 px), one or more residual blocks per stage, global average pooling to the
-penultimate features [B, widths[-1]], and a linear classifier. GroupNorm rather than BatchNorm keeps
-the net stateless, so it trains through the method-agnostic engine unchanged. Training: AdamW with
-cosine decay, random translations by up to `max_shift` pixels (reflect padding) inside the jitted
-loss, flips from the data pipeline where the dataset allows them.
+ResNet with `stem_stride` (2 for the upsampled 8×8 digits, whose 32 px carry no more detail than
+16 px), one or more residual blocks per stage, global average pooling to the penultimate features
+[B, widths[-1]], and a linear classifier. `norm="group"` (GroupNorm) keeps the net stateless and is
+the default for digits; `norm="batch"` (BatchNorm, batch statistics in training, running averages
+kept in the method-owned `extras` of the train state and used for every feature afterwards, so a
+feature never depends on the other images of its batch) converges faster on natural images and is
+the CIFAR-10 choice. Training: AdamW with cosine decay, random translations by up to `max_shift`
+pixels (reflect padding) inside the jitted loss, flips from the data pipeline where the dataset
+allows them.
 """
 from __future__ import annotations
 
@@ -42,25 +45,39 @@ RESULT_FILE = "feature_net.json"
 
 
 def use_cifar_feature_net(f: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Settings for natural 32 px images (CIFAR-10): full-resolution stem, 15 epochs at batch 128.
+  """Settings for natural 32 px images (CIFAR-10): full-resolution stem, BatchNorm, 15 epochs at
+  batch 128.
 
   Sized so that it trains on a 2-core CPU in about 1.5 hours (it is trained once per dataset and
-  cached); measured: 80.0% held-out accuracy on CIFAR-10. Widen `widths` (e.g. 64/128/256) and
-  add `blocks_per_stage` where an accelerator is at hand.
+  cached). Measured on CIFAR-10 after 600 steps: 66.1% held-out with BatchNorm vs 55.7% with
+  GroupNorm; GroupNorm's full 15 epochs reached 80.0%. Widen `widths` (e.g. 64/128/256) and add
+  `blocks_per_stage` where an accelerator is at hand.
   """
-  f.update(dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=1, steps=5860,
-                batch_size=128, lr=2e-3, warmup_steps=300, max_shift=4, label_smoothing=0.1))
+  f.update(dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=1, norm="batch",
+                steps=5860, batch_size=128, lr=2e-3, warmup_steps=300, max_shift=4,
+                label_smoothing=0.1))
   return f
+
+
+NORMS = ("group", "batch")
+BN_MOMENTUM = 0.9   # running-average decay of the BatchNorm statistics
+
+
+def _norm_layer(kind: str, width: int, groups: int, train: bool, name: str) -> nn.Module:
+  if kind == "batch":
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, name=name)
+  return nn.GroupNorm(num_groups=min(groups, width), name=name)
 
 
 class _ResBlock(nn.Module):
   width: int
   stride: int
   groups: int
+  norm: str
 
   @nn.compact
-  def __call__(self, x):
-    norm = lambda name: nn.GroupNorm(num_groups=min(self.groups, self.width), name=name)
+  def __call__(self, x, train: bool):
+    norm = lambda name: _norm_layer(self.norm, self.width, self.groups, train, name)
     h = nn.Conv(self.width, (3, 3), strides=self.stride, padding=1, name="conv1")(x)
     h = nn.relu(norm("norm1")(h))
     h = nn.Conv(self.width, (3, 3), padding=1, name="conv2")(h)
@@ -71,29 +88,37 @@ class _ResBlock(nn.Module):
 
 
 class FeatureClassifier(nn.Module):
-  """images [B, H, W, 3] in [-1, 1] -> (features [B, widths[-1]], logits [B, num_classes])."""
+  """images [B, H, W, 3] in [-1, 1] -> (features [B, widths[-1]], logits [B, num_classes]).
+
+  train=True normalises BatchNorm layers by the batch (and must be applied with
+  mutable=["batch_stats"]); train=False uses the running averages. GroupNorm ignores it.
+  """
   num_classes: int
   widths: Sequence[int] = (32, 64, 128)
   blocks_per_stage: int = 1
   stem_stride: int = 2
   groups: int = 8
+  norm: str = "group"
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, train: bool = False):
     x = nn.Conv(self.widths[0], (3, 3), strides=self.stem_stride, padding=1, name="stem")(images)
-    x = nn.relu(nn.GroupNorm(num_groups=min(self.groups, self.widths[0]), name="stem_norm")(x))
+    x = nn.relu(_norm_layer(self.norm, self.widths[0], self.groups, train, "stem_norm")(x))
     for s, width in enumerate(self.widths):
       for b in range(self.blocks_per_stage):
         stride = 2 if (s > 0 and b == 0) else 1
-        x = _ResBlock(width, stride, self.groups, name=f"stage{s}_block{b}")(x)
+        x = _ResBlock(width, stride, self.groups, self.norm, name=f"stage{s}_block{b}")(x, train)
     features = x.mean(axis=(1, 2))
     return features, nn.Dense(self.num_classes, name="head")(features)
 
 
 def build_classifier(f: ml_collections.ConfigDict, num_classes: int) -> FeatureClassifier:
+  norm = f.get("norm", "group")
+  if norm not in NORMS:
+    raise ValueError(f"eval.feature_net.norm={norm!r} is not one of {NORMS}")
   return FeatureClassifier(num_classes=num_classes, widths=tuple(f.widths),
                            blocks_per_stage=f.blocks_per_stage, stem_stride=f.stem_stride,
-                           groups=f.groups)
+                           groups=f.groups, norm=norm)
 
 
 def random_shift(rng: jax.Array, images: jax.Array, max_shift: int) -> jax.Array:
@@ -114,21 +139,30 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   net = build_classifier(f, config.data.num_classes)
   size = config.data.image_size
 
-  def init_params(rng):
-    return net.init(rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+  init = lambda rng: net.init(rng, jnp.zeros((1, size, size, 3), jnp.float32))
+
+  def init_extras(rng):
+    """BatchNorm's running statistics ({} for GroupNorm); their values do not depend on rng."""
+    return {k: v for k, v in init(rng).items() if k != "params"}
 
   def loss_fn(params, batch, rng, step, extras):
     del step
     images = random_shift(rng, batch["image"], f.max_shift)
-    _, logits = net.apply({"params": params}, images)
+    if extras:
+      (_, logits), extras = net.apply({"params": params, **extras}, images, train=True,
+                                      mutable=list(extras))
+      extras = dict(extras)
+    else:
+      _, logits = net.apply({"params": params}, images, train=True)
     targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], config.data.num_classes),
                                   f.label_smoothing)
     loss = optax.softmax_cross_entropy(logits, targets).mean()
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return loss, {"train_accuracy": accuracy}, extras
 
-  return Method(name="feature_classifier", model=net, init_params=init_params, loss_fn=loss_fn,
-                batch_keys=("image", "label"))
+  return Method(name="feature_classifier", model=net,
+                init_params=lambda rng: init(rng)["params"], init_extras=init_extras,
+                loss_fn=loss_fn, batch_keys=("image", "label"))
 
 
 # ----------------------------------------------------------------- training and caching
@@ -183,18 +217,18 @@ class FeatureNet:
   """A trained classifier as a feature extractor. `name` identifies it in every metric file."""
   name: str
   model: FeatureClassifier
-  params: Any
+  variables: Any    # {"params": ...} plus "batch_stats" for a BatchNorm net
   accuracy: float
   directory: str
 
   def __post_init__(self):
     self._apply = jax.jit(
-        lambda p, x: self.model.apply({"params": p}, x.astype(jnp.float32) / 127.5 - 1.0))
+        lambda v, x: self.model.apply(v, x.astype(jnp.float32) / 127.5 - 1.0, train=False))
 
   def features_and_logits(self, images_uint8: np.ndarray, batch_size: int = 256,
                           desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [N,H,W,3] -> (float64 features [N, D], float64 logits [N, C]), in fixed-size batches."""
-    return batched_apply(lambda x: self._apply(self.params, x), images_uint8, batch_size, desc)
+    return batched_apply(lambda x: self._apply(self.variables, x), images_uint8, batch_size, desc)
 
 
 def batched_apply(fn, images_uint8: np.ndarray, batch_size: int, desc: str | None = None):
@@ -253,7 +287,7 @@ def _restore_classifier(directory: str, config: ml_collections.ConfigDict):
   exp = build_experiment(config)
   state, _ = checkpoint.restore(checkpoint.make_manager(directory, 1, async_save=False),
                                 exp.abstract_state)
-  return exp.method.model, jax.device_get(state.params)
+  return exp.method.model, jax.device_get({"params": state.params, **state.extras})
 
 
 def get_feature_net(data_cfg: ml_collections.ConfigDict, f: ml_collections.ConfigDict) -> FeatureNet:
@@ -266,14 +300,14 @@ def get_feature_net(data_cfg: ml_collections.ConfigDict, f: ml_collections.Confi
   directory = cache_dir(data_cfg, f)
   config = classifier_train_config(data_cfg, f)
   result_path = os.path.join(directory, RESULT_FILE)
-  model, params = None, None
+  model, variables = None, None
   if not os.path.exists(result_path):
     logging.info("training the %s feature net in %s (cached for later evaluations)",
                  data_cfg.source, directory)
     train_and_evaluate(config, directory)
-    model, params = _restore_classifier(directory, config)
+    model, variables = _restore_classifier(directory, config)
     images, labels = load_images(data_cfg, data_cfg.eval_split)
-    _, logits = FeatureNet("", model, params, 0.0, directory).features_and_logits(images)
+    _, logits = FeatureNet("", model, variables, 0.0, directory).features_and_logits(images)
     accuracy = float(np.mean(np.argmax(logits, -1) == labels))
     with open(result_path, "w") as fh:
       json.dump({"name": os.path.basename(directory), "accuracy": accuracy,
@@ -282,8 +316,8 @@ def get_feature_net(data_cfg: ml_collections.ConfigDict, f: ml_collections.Confi
     logging.info("feature net %s: held-out accuracy %.4f", os.path.basename(directory), accuracy)
   with open(result_path) as fh:
     result = json.load(fh)
-  if params is None:   # restored once: just trained above, or from the cache
-    model, params = _restore_classifier(directory, config)
+  if variables is None:   # restored once: just trained above, or from the cache
+    model, variables = _restore_classifier(directory, config)
   print(f"feature net {result['name']}: held-out accuracy {result['accuracy']:.4f} "
         f"on {result['num_test_images']} {result['split']} images")
-  return FeatureNet(result["name"], model, params, result["accuracy"], directory)
+  return FeatureNet(result["name"], model, variables, result["accuracy"], directory)

@@ -46,6 +46,7 @@ def build_model(config: ml_collections.ConfigDict) -> gpt_lib.GPT:
     raise ValueError(f"ar.order={config.ar.order!r}: expected one of {ORDERS}")
   return gpt_lib.make_gpt(config.ar.preset, token_dim=token_dim, seq_len=seq_len,
                           num_classes=config.data.num_classes, random_order=config.ar.order == "random",
+                          remat=config.ar.remat, scan_layers=config.ar.scan_layers,
                           dtype=jnp.dtype(config.train.compute_dtype), **lt.overrides(config.ar))
 
 

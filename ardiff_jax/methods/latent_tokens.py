@@ -13,6 +13,7 @@ import ml_collections
 
 from ardiff_jax.models.mar import patchify, unpatchify
 from ardiff_jax.tokenizers import kl as kl_lib
+from ardiff_jax.train import optim
 
 
 def generator_section(preset: str) -> ml_collections.ConfigDict:
@@ -28,6 +29,8 @@ def generator_section(preset: str) -> ml_collections.ConfigDict:
   g.temperature = 1.0
   g.clip_denoised = 0.0           # >0 clips the head's x̂_0 while sampling (MAR: no clipping)
   g.tokenizer_workdir = ""        # the trained tokenizer run whose decoder turns tokens into images
+  g.remat = "none"                # backbone blocks: models.layers.REMAT_POLICIES (large models)
+  g.scan_layers = False           # backbone blocks as one nn.scan (large models; other checkpoint tree)
   return g
 
 
@@ -122,8 +125,8 @@ def no_decay_in_head(params):
   """AdamW decays ≥2-D tensors (kernels, embeddings, positional embeddings, mask token, fake latent),
   never biases, norms or anything in the DiffLoss head (MAR's `add_weight_decay`)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, p: p.ndim >= 2 and not any(getattr(k, "key", None) == "diffloss" for k in path),
-      params)
+      lambda path, p: optim.matrix_like(path, p) and
+      not any(getattr(k, "key", None) == "diffloss" for k in path), params)
 
 
 def use_digits_run(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict, steps: int,

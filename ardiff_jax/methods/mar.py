@@ -44,6 +44,7 @@ def build_model(config: ml_collections.ConfigDict) -> mar_lib.MAR:
   seq_len, token_dim = lt.token_geometry(config, config.mar.patch_size)
   return mar_lib.make_mar(config.mar.preset, token_dim=token_dim, seq_len=seq_len,
                           num_classes=config.data.num_classes,
+                          remat=config.mar.remat, scan_layers=config.mar.scan_layers,
                           dtype=jnp.dtype(config.train.compute_dtype), **lt.overrides(config.mar))
 
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ardiff_jax.models import vit
+from ardiff_jax.models import layers, vit
 from ardiff_jax.models.diffloss import SimpleMLPAdaLN
 
 _init = nn.initializers.normal(0.02)
@@ -102,7 +102,7 @@ class Block(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, rope, *, cache=None, cache_index=None, deterministic=True):
+  def __call__(self, x, rope, cache=None, cache_index=None, deterministic=True):
     """x [B, T, D]; rope [T, hd/2, 2] or [B, T, hd/2, 2]. Without a cache: causal attention over the T positions.
     With cache (k, v) [B, S, H, hd]: writes this step's keys/values at `cache_index` and attends
     to positions ≤ cache_index + t. Returns (x, new cache)."""
@@ -147,6 +147,8 @@ class GPT(nn.Module):
   head_depth: int = 6            # DiffLoss MLP (MAR's head; the condition-refinement paper's "GPT-XL")
   head_width: int = 1024
   random_order: bool = False     # learn `target_pos_embed` and train/sample in random orders
+  remat: str = "none"            # layers.REMAT_POLICIES, for the transformer blocks
+  scan_layers: bool = False      # one nn.scan over the blocks (parameters stacked on "layers")
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
@@ -158,8 +160,13 @@ class GPT(nn.Module):
     self.cls_embedding = nn.Embed(self.num_classes + 1, self.width, name="cls_embedding",
                                   embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
     self.tok_embeddings = _dense(self.width, (None, "embed"), "tok_embeddings", self.dtype)
-    self.layers = [Block(self.width, self.num_heads, self.dropout, self.dtype, name=f"layers_{i}")
-                   for i in range(self.depth)]
+    kwargs = dict(width=self.width, num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype)
+    if self.scan_layers:   # per layer: rope, cache index and flag broadcast, the KV cache sliced
+      self.layers = layers.scanned_stack(Block, kwargs, self.depth, self.remat,
+                                         (nn.broadcast, 0, nn.broadcast, nn.broadcast), "layers")
+    else:
+      block = layers.remat_block(Block, self.remat, static_argnums=(5,))
+      self.layers = [block(**kwargs, name=f"layers_{i}") for i in range(self.depth)]
     self.norm = RMSNorm(name="norm")
     self.tok_dropout = nn.Dropout(self.dropout)
     grid = int(round(math.sqrt(self.seq_len)))
@@ -188,12 +195,21 @@ class GPT(nn.Module):
       raster = False
     if self.random_order:
       x = x + self.target_embed(order)
-    for layer in self.layers:
-      x, _ = layer(x, rope, deterministic=deterministic)
+    x, _ = self._run_layers(x, rope, None, None, deterministic)
     z = self.norm(x)
     if raster:
       return z
     return jnp.take_along_axis(z, jnp.argsort(order, axis=1)[..., None], axis=1)
+
+  def _run_layers(self, x, rope, cache, cache_index, deterministic):
+    """All blocks: x [B, T, D] -> (x, new cache or None); `cache` as `init_cache` makes it."""
+    if self.scan_layers:
+      return self.layers(x, rope, cache, cache_index, deterministic)
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      x, c = layer(x, rope, None if cache is None else cache[i], cache_index, deterministic)
+      new_cache.append(c)
+    return x, None if cache is None else new_cache
 
   def rope_rows(self, positions):
     """RoPE rows [.., hd/2, 2] of the tokens at grid `positions` (−1: the class token's zero row)."""
@@ -213,9 +229,12 @@ class GPT(nn.Module):
 
   def init_cache(self, batch: int, dtype=jnp.float32):
     """Per-layer (k, v) [B, L+1, H, hd]: the class token, L−1 teacher tokens and one spare slot,
-    so the decode loop can run a uniform L steps."""
+    so the decode loop can run a uniform L steps. A list of pairs; with scan_layers one pair of
+    [depth, B, L+1, H, hd] arrays."""
     hd = self.width // self.num_heads
     shape = (batch, self.seq_len + 1, self.num_heads, hd)
+    if self.scan_layers:
+      return (jnp.zeros((self.depth,) + shape, dtype), jnp.zeros((self.depth,) + shape, dtype))
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.depth)]
 
   def decode_step(self, x_emb, index, cache, rope=None):
@@ -223,10 +242,7 @@ class GPT(nn.Module):
     `rope` [B, T, hd/2, 2] gives each image's rows (random order); None: raster rows."""
     if rope is None:
       rope = jax.lax.dynamic_slice_in_dim(self.rope, index, x_emb.shape[1], axis=0)
-    new_cache = []
-    for layer, c in zip(self.layers, cache):
-      x_emb, c = layer(x_emb, rope, cache=c, cache_index=index)
-      new_cache.append(c)
+    x_emb, new_cache = self._run_layers(x_emb, rope, cache, index, True)
     return self.norm(x_emb), new_cache
 
   def embed_class(self, labels):

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ardiff_jax.models import vit
+from ardiff_jax.models import layers, vit
 from ardiff_jax.models.diffloss import SimpleMLPAdaLN
 
 _normal = nn.initializers.normal(0.02)
@@ -55,7 +55,26 @@ class MAR(nn.Module):
   buffer_size: int = 64
   head_depth: int = 6
   head_width: int = 1024
+  remat: str = "none"           # layers.REMAT_POLICIES, for the encoder and decoder blocks
+  scan_layers: bool = False     # one nn.scan per stack (parameters stacked on a "layers" axis)
   dtype: jnp.dtype = jnp.float32
+
+  def _blocks(self, name: str, depth: int):
+    """The `depth` ViT blocks of one stack: a list (loop) or one scanned module."""
+    kwargs = dict(dim=self.width, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                  dropout=self.dropout, dtype=self.dtype)
+    if self.scan_layers:
+      return layers.scanned_stack(vit.Block, kwargs, depth, self.remat,
+                                  (nn.broadcast, nn.broadcast), name)
+    block = layers.remat_block(vit.Block, self.remat, static_argnums=(3,))
+    return [block(**kwargs, name=f"{name}_{i}") for i in range(depth)]
+
+  def _run(self, blocks, x, key_mask, deterministic):
+    if self.scan_layers:
+      return blocks(x, key_mask, deterministic)[0]
+    for blk in blocks:
+      x = blk(x, key_mask, deterministic)
+    return x
 
   def setup(self):
     d, n = self.width, self.seq_len + self.buffer_size
@@ -67,14 +86,12 @@ class MAR(nn.Module):
     pos = lambda name, length: self.param(
         name, nn.with_logical_partitioning(_normal, (None, "length", "embed")), (1, length, d))
     self.encoder_pos_embed_learned = pos("encoder_pos_embed_learned", n)
-    self.encoder_blocks = [vit.Block(d, self.num_heads, self.mlp_ratio, self.dropout, self.dtype,
-                                     name=f"encoder_blocks_{i}") for i in range(self.enc_depth)]
+    self.encoder_blocks = self._blocks("encoder_blocks", self.enc_depth)
     self.encoder_norm = vit.layer_norm("encoder_norm", self.dtype)
     self.decoder_embed = vit.dense(d, ("embed", "embed"), "decoder_embed", self.dtype)
     self.mask_token = self.param("mask_token", nn.with_logical_partitioning(_normal, (None, None, "embed")), (1, 1, d))
     self.decoder_pos_embed_learned = pos("decoder_pos_embed_learned", n)
-    self.decoder_blocks = [vit.Block(d, self.num_heads, self.mlp_ratio, self.dropout, self.dtype,
-                                     name=f"decoder_blocks_{i}") for i in range(self.dec_depth)]
+    self.decoder_blocks = self._blocks("decoder_blocks", self.dec_depth)
     self.decoder_norm = vit.layer_norm("decoder_norm", self.dtype)
     self.diffusion_pos_embed_learned = pos("diffusion_pos_embed_learned", self.seq_len)
     self.diffloss = SimpleMLPAdaLN(self.token_dim, self.head_width, self.head_depth, self.dtype)
@@ -103,8 +120,7 @@ class MAR(nn.Module):
     idx = jnp.argsort(masked.astype(jnp.int32), axis=1, stable=True)[:, :encoder_len]
     x = jnp.take_along_axis(x, idx[..., None], axis=1)
     valid = ~jnp.take_along_axis(masked, idx, axis=1)
-    for blk in self.encoder_blocks:
-      x = blk(x, valid, deterministic)
+    x = self._run(self.encoder_blocks, x, valid, deterministic)
     x = self.encoder_norm(x)
     # --- decoder (MAR forward_mae_decoder)
     x = self.decoder_embed(x)
@@ -113,8 +129,7 @@ class MAR(nn.Module):
     full = jnp.broadcast_to(mask_token, (b, l + buf, self.width))
     full = full.at[jnp.arange(b)[:, None], idx].set(x)
     full = full + self.decoder_pos_embed_learned
-    for blk in self.decoder_blocks:
-      full = blk(full, None, deterministic)
+    full = self._run(self.decoder_blocks, full, None, deterministic)
     full = self.decoder_norm(full)
     return full[:, buf:] + self.diffusion_pos_embed_learned
 

@@ -54,6 +54,27 @@ def test_feature_net_is_cached_with_its_accuracy(trained):
   assert features.cache_dir(config.data, other) != fnet.directory     # settings are in the key
 
 
+def test_batchnorm_feature_net_keeps_running_statistics(tmp_path, config):
+  """norm="batch": running statistics train with the net, are cached with it, and a feature
+  never depends on the other images of its batch."""
+  f = config.eval.feature_net
+  f.dir, f.norm, f.steps, f.widths = str(tmp_path), "batch", 40, (8, 16, 16)
+  fnet = features.get_feature_net(config.data, f)
+  stats = fnet.variables["batch_stats"]["stem_norm"]
+  assert np.abs(np.asarray(stats["mean"])).max() > 1e-3          # moved away from the init (0, 1)
+  assert np.abs(np.asarray(stats["var"]) - 1).max() > 1e-3
+  images, _ = features.load_images(config.data, config.data.eval_split, limit=64)
+  alone, _ = fnet.features_and_logits(images[:8], batch_size=8)
+  mixed, _ = fnet.features_and_logits(images, batch_size=64)
+  np.testing.assert_allclose(alone, mixed[:8], rtol=1e-5, atol=1e-5)
+  again = features.get_feature_net(config.data, f)                  # restored from the cache
+  np.testing.assert_array_equal(np.asarray(again.variables["batch_stats"]["stem_norm"]["mean"]),
+                                np.asarray(stats["mean"]))
+  f.norm = "layer"
+  with pytest.raises(ValueError, match="norm='layer'"):
+    features.get_feature_net(config.data, f)
+
+
 def test_class_accuracy_of_real_test_images_is_the_classifier_accuracy(trained):
   config, fnet = trained
   images, labels = features.load_images(config.data, config.data.eval_split)
