@@ -193,6 +193,32 @@ def _global_map_dataset(data_cfg, source, *, seed: int, train: bool) -> grain.Ma
   return ds.map_with_index(decode)
 
 
+PROBE_IMAGES = 16
+
+
+def check_images_readable(data_cfg, source, split: str) -> None:
+  """Fails fast when none of `PROBE_IMAGES` evenly spaced images of an image source decodes.
+
+  A training stream skips unreadable files, so a directory of nothing but unreadable files
+  would otherwise wait forever for its first batch.
+  """
+  if data_cfg.source in ("digits", "cached") or len(source) == 0:
+    return
+  indices = np.unique(np.linspace(0, len(source) - 1, min(PROBE_IMAGES, len(source))).astype(int))
+  errors = []
+  for i in indices:
+    record = source[int(i)]
+    try:
+      sources.decode_image_record(record, data_cfg.image_size)
+      return
+    except transforms.IMAGE_DECODE_ERRORS as error:
+      errors.append(f"{sources.record_name(record)}: {type(error).__name__}: {error}")
+  where = f"data.path={data_cfg.path!r}" if data_cfg.path else f"data.tfds_name={data_cfg.tfds_name!r}"
+  raise ValueError(f"none of {len(indices)} images sampled from split {split!r} of {where} can be "
+                   f"decoded (first: {errors[0]}). Check that the files are images Pillow reads "
+                   "(JPEG/PNG) and were copied completely.")
+
+
 def _ensure_flags_parsed() -> None:
   """Marks absl flags parsed if nothing has parsed them yet.
 
@@ -220,6 +246,7 @@ def make_dataset(data_cfg, *, split: str, seed: int, batch_size: int, train: boo
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
   source = make_source(data_cfg, split, seed)
+  check_images_readable(data_cfg, source, split)
   ds = _global_map_dataset(data_cfg, source, seed=seed, train=train)
   ds = ds[process_index::process_count]
   num_workers = int(data_cfg.num_workers)

@@ -68,6 +68,9 @@ def maybe_initialize_distributed() -> None:
     kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
                   num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
                   process_id=int(os.environ["JAX_PROCESS_ID"]))
+  # Cross-process collectives between CPU devices (tests, laptops) go through gloo; accelerators
+  # use their own interconnect and ignore this setting.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
     jax.distributed.initialize(**kwargs)
   except (ValueError, RuntimeError) as e:  # e.g. a single-task SLURM allocation

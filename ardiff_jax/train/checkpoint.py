@@ -4,11 +4,15 @@ Items: `state` (the sharded TrainState), `data_iter` (per-process grain iterator
 `config` (JSON). Saves are asynchronous; `keep` newest are kept. Restores go into an abstract
 target carrying the current shardings, so a checkpoint restores onto a different mesh; a
 checkpoint whose parameter shapes differ from the current model fails with a list of the
-mismatched paths instead of an opaque orbax error.
+mismatched paths instead of an opaque orbax error. An unreadable newest checkpoint (truncated by
+a crash or a full disk) is moved aside to `checkpoints_unreadable/` with a warning, and the
+previous one is restored (`restore_newest_readable`).
 """
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from typing import Any
 
 import grain
@@ -20,6 +24,12 @@ from absl import logging
 
 class CheckpointError(RuntimeError):
   """A checkpoint is missing or does not fit the model; the message says what to do."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+  """A checkpoint's files cannot be read (truncated or corrupt)."""
+
+UNREADABLE_DIR = "checkpoints_unreadable"
 
 
 def _path_str(path) -> str:
@@ -50,8 +60,8 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state: 
   try:
     meta = manager.item_metadata(step)["state"]
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f"cannot read the metadata of checkpoint {step} in "
-                          f"{manager.directory}: {e}") from e
+    raise UnreadableCheckpointError(f"cannot read the metadata of checkpoint {step} in "
+                                    f"{manager.directory}: {e}") from e
   if meta is None:
     return
   saved = {_path_str(p): tuple(getattr(m, "shape", ()) or ())
@@ -75,9 +85,18 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state: 
         "config.json), or start a fresh --workdir.")
 
 
+def has_data_iter_state(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether checkpoint `step` holds a data-iterator state for this process layout (grain keeps
+  one file per process, named by process index and count)."""
+  name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  return os.path.exists(os.path.join(os.fspath(manager.directory), str(step), "data_iter", name))
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any | None = None,
             step: int | None = None) -> tuple[Any, int]:
-  """Restores (state, step) from `step` (default: newest) into `abstract_state`'s shardings."""
+  """Restores (state, step) from `step` (default: newest) into `abstract_state`'s shardings,
+  and `data_iter`'s position when the checkpoint holds one for this process layout (see
+  `has_data_iter_state`; otherwise `data_iter` is left untouched)."""
   step = manager.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(
@@ -85,12 +104,53 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any 
         "--workdir) or point --workdir at a directory holding a trained run.")
   check_compatible(manager, step, abstract_state)
   items = dict(state=ocp.args.StandardRestore(abstract_state))
-  if data_iter is not None:
+  if data_iter is not None and has_data_iter_state(manager, step):
     items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # pylint: disable=broad-except
+    raise UnreadableCheckpointError(f"checkpoint {step} in {manager.directory} cannot be read: "
+                                    f"{type(e).__name__}: {e}") from e
   logging.info("restored checkpoint %d from %s", step, manager.directory)
   return restored["state"], int(step)
 
 
-def params_to_numpy(tree: Any) -> Any:
-  return jax.tree.map(np.asarray, tree)
+def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
+                            data_iter: Any | None = None) -> tuple[Any, int]:
+  """Restores the newest checkpoint that can be read; unreadable newer ones are moved aside.
+
+  Each unreadable step directory newer than the restored one goes to
+  `<workdir>/checkpoints_unreadable/<step>-<time>` (nothing is deleted), with a warning, so that
+  training continues from the restored step and saves over no broken files. If no checkpoint can
+  be read, nothing is moved and the error lists them. A checkpoint that reads but does not fit
+  the model is an error, never skipped.
+  """
+  unreadable = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = restore(manager, abstract_state, data_iter, step)
+    except UnreadableCheckpointError as e:
+      logging.warning("%s", e)
+      unreadable.append((step, e))
+      continue
+    for bad, _ in unreadable:
+      logging.warning("falling back from unreadable checkpoint %d to %d; moved it to %s",
+                      bad, step, _move_aside(manager, bad))
+    return restored
+  listing = "\n".join(f"  {s}: {e}" for s, e in unreadable)
+  raise CheckpointError(f"no checkpoint in {manager.directory} can be read:\n{listing}\n"
+                        "Restore a copy of the directory, or start a fresh --workdir.")
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves checkpoint `step` to <workdir>/checkpoints_unreadable/ (process 0; all then reload)."""
+  root = os.path.dirname(os.fspath(manager.directory))
+  aside = os.path.join(root, UNREADABLE_DIR, f"{step}-{int(time.time())}")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    shutil.move(os.path.join(os.fspath(manager.directory), str(step)), aside)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
+  manager.reload()
+  return aside

@@ -76,10 +76,14 @@ def build_experiment(config: ml_collections.ConfigDict, devices=None) -> Experim
   return Experiment(config, mesh, method, tx, schedule, abstract, shardings)
 
 
-def train_data_iter(config: ml_collections.ConfigDict):
-  """This process's share of the training stream (per-process batch = global / processes)."""
+def train_data_iter(config: ml_collections.ConfigDict, reseed: int = 0):
+  """This process's share of the training stream (per-process batch = global / processes).
+
+  reseed > 0 starts a differently shuffled stream (seed + reseed): used when a checkpoint holds
+  no stream position for this process layout.
+  """
   ds = pipeline.make_dataset(
-      config.data, split=config.data.train_split, seed=config.seed,
+      config.data, split=config.data.train_split, seed=config.seed + reseed,
       batch_size=config.train.batch_size // jax.process_count(), train=True,
       process_index=jax.process_index(), process_count=jax.process_count())
   return iter(ds)
@@ -87,7 +91,7 @@ def train_data_iter(config: ml_collections.ConfigDict):
 
 def restore_or_init(exp: Experiment, manager, data_iter=None) -> tuple[TrainState, int]:
   if manager.latest_step() is not None:
-    return checkpoint.restore(manager, exp.abstract_state, data_iter)
+    return checkpoint.restore_newest_readable(manager, exp.abstract_state, data_iter)
   return init_state(exp.config.seed, exp.method, exp.tx, exp.shardings), 0
 
 
@@ -127,6 +131,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   state, start = restore_or_init(exp, manager, data_iter)
   if start:
     logging.info("resuming at step %d", start)
+    if not checkpoint.has_data_iter_state(manager, start):
+      logging.warning(
+          "checkpoint %d holds no data-stream position for %d process(es) (it was written by a "
+          "different number of processes): the stream restarts with seed %d + %d, so the run "
+          "continues but does not repeat an uninterrupted run's batches", start,
+          jax.process_count(), config.seed, start)
+      data_iter = train_data_iter(config, reseed=start)
   step_fn = jit_train_step(exp.method, exp.tx, exp.schedule, config, exp.mesh, exp.shardings)
   writer = metrics_lib.MetricWriter(workdir)
   num_params = shd.count_params(state.params)

@@ -174,6 +174,17 @@ def test_missing_and_empty_folder_messages(tmp_path):
     pipeline.make_dataset(cfg, split="train", seed=0, batch_size=4, train=True)
 
 
+def test_folder_of_only_unreadable_images_fails_fast(tmp_path):
+  """A training stream skips unreadable files; with nothing readable it would wait forever."""
+  for cls in ("a", "b"):
+    (tmp_path / "train" / cls).mkdir(parents=True)
+    for i in range(3):
+      (tmp_path / "train" / cls / f"{i}.jpg").write_bytes(b"not a jpeg" * i)
+  cfg = _cfg(source="folder", path=str(tmp_path))
+  with pytest.raises(ValueError, match=r"none of 6 images sampled from split 'train' .* can be decoded"):
+    pipeline.make_dataset(cfg, split="train", seed=0, batch_size=4, train=True)
+
+
 def test_unknown_source_message():
   with pytest.raises(ValueError, match="data.source must be one of"):
     pipeline.make_dataset(_cfg(source="lmdb"), split="train", seed=0, batch_size=4, train=True)

@@ -145,6 +145,7 @@ def test_bad_eval_source_names_the_choices(config, tmp_path):
     main_lib.run(config, str(tmp_path), "eval")
 
 
+@pytest.mark.slow
 def test_training_runs_the_evaluation_every_k_steps(config, tmp_path):
   config.eval.every_steps, config.eval.num_samples, config.eval.num_real = 2, 16, 32
   config.eval.batch_size = 16

@@ -60,6 +60,7 @@ def test_weight_decay_spares_the_head_biases_and_norms():
   assert not any(v for k, v in flat.items() if "diffloss" in k)
 
 
+@pytest.mark.slow   # each stage has its own fast test; `make demo` runs the chain at full size
 def test_digits_chain_end_to_end(tmp_path):
   kl = load_config("kl_digits", "tiny")
   kl_dir = str(tmp_path / "kl")

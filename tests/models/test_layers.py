@@ -66,6 +66,7 @@ def test_scanned_and_rematerialised_stack_equals_the_loop(kind):
                g_scan, g_loop)
 
 
+@pytest.mark.slow
 def test_scanned_gpt_kv_cache_sampling_equals_the_loop():
   scanned, loop = _build("gpt", scan_layers=True), _build("gpt")
   params = perturb_head_outputs(scanned.init(jax.random.key(0), method=gpt.GPT.init_all)["params"])

@@ -32,6 +32,7 @@ def run_steps(config, batches, devices=None):
   return np.array(losses), state, exp
 
 
+@pytest.mark.slow   # make test runs the mesh equality on the tiny MAR and AR (tests/parallel)
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
 def test_sharded_steps_match_single_device(mesh_shape):
   config = tiny_config()
@@ -50,6 +51,7 @@ def test_params_are_sharded_on_fsdp_mesh():
   assert any("fsdp" in str(spec) for spec in specs), specs
 
 
+@pytest.mark.slow   # make test checks exact resume in tests/train/test_resume.py, test_faults.py
 def test_save_restore_next_step_identical(tmp_path):
   config = tiny_config()
   batches = first_batches(config, 3)
