@@ -40,9 +40,12 @@ def run(config, workdir: str, mode: str):
   if mode == "bench":
     from ardiff_jax.train.bench import run_bench
     return run_bench(config, workdir)
+  if mode == "aot":
+    from ardiff_jax.train.aot import run_aot
+    return run_aot(config, workdir)
   raise NotImplementedError(
       f"--mode {mode} is not available yet in this version of ardiff_jax; "
-      "available: train, sample, eval, cache, bench")
+      "available: train, sample, eval, cache, bench, aot")
 
 
 class _QuietLibraries:

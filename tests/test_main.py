@@ -94,8 +94,8 @@ def test_mismatched_checkpoint_lists_paths(trained):
 
 
 def test_unknown_mode_is_clear(tmp_path):
-  with pytest.raises(NotImplementedError, match="--mode aot is not available"):
-    main.run(load_config("kl_digits", "tiny"), str(tmp_path), "aot")
+  with pytest.raises(NotImplementedError, match="--mode convert is not available"):
+    main.run(load_config("kl_digits", "tiny"), str(tmp_path), "convert")
 
 
 def _cli(*args):

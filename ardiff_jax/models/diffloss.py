@@ -79,10 +79,15 @@ def diffloss_loss(head_fn, diffusion: gaussian.GaussianDiffusion, z: jax.Array, 
   Each token is repeated `batch_mul` times (MAR's diffusion_batch_mul = 4), every copy with its own
   uniform t ∈ {0..T−1} and noise. Returns (Σ loss·mask / Σ mask, {"mse", "vb"} over masked copies).
   """
-  z, target, mask = (jnp.tile(a, (batch_mul,) + (1,) * (a.ndim - 1)) for a in (z, target, mask))
+  # The copies are laid out as MAR's `repeat` (the whole set, batch_mul times). The constraints
+  # keep the head's rows split over the data-parallel devices under jit (a tiled axis otherwise
+  # ends up replicated: every device would run the head on the whole global batch); with
+  # partitionable threefry the random draws do not depend on that split.
+  rows = lambda a: nn.with_logical_constraint(a, ("batch",) + (None,) * (a.ndim - 1))
+  z, target, mask = (rows(jnp.tile(a, (batch_mul,) + (1,) * (a.ndim - 1))) for a in (z, target, mask))
   t_rng, n_rng = jax.random.split(rng)
-  t = jax.random.randint(t_rng, target.shape[:1], 0, diffusion.num_timesteps)
-  noise = jax.random.normal(n_rng, target.shape, jnp.float32)
+  t = rows(jax.random.randint(t_rng, target.shape[:1], 0, diffusion.num_timesteps))
+  noise = rows(jax.random.normal(n_rng, target.shape, jnp.float32))
   terms = diffusion.training_losses(lambda x, tt: head_fn(x, tt, z), target.astype(jnp.float32),
                                     t, noise)
   mask = mask.astype(jnp.float32)

@@ -46,8 +46,12 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str],
   if len(devices) == len(jax.devices()):
     return jax.make_mesh(shape, tuple(axes), axis_types=(AxisType.Auto,) * len(shape),
                          devices=devices)
-  return Mesh(np.asarray(devices).reshape(shape), tuple(axes),
-              axis_types=(AxisType.Auto,) * len(shape))
+  try:   # the physical layout (TPU torus), e.g. for an ahead-of-time topology's devices
+    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, NotImplementedError, AssertionError):   # e.g. a subset of CPU devices
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, tuple(axes), axis_types=(AxisType.Auto,) * len(shape))
 
 
 def maybe_initialize_distributed() -> None:

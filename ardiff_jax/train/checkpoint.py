@@ -11,7 +11,6 @@ previous one is restored (`restore_newest_readable`).
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 
 class CheckpointError(RuntimeError):
@@ -37,7 +37,9 @@ def _path_str(path) -> str:
 
 
 def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  # A URL workdir (gs://...) is used as is; a local one is made absolute, as orbax wants.
+  directory = (workdir.rstrip("/") + "/checkpoints" if "://" in workdir
+               else os.path.join(os.path.abspath(workdir), "checkpoints"))
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(
@@ -89,7 +91,7 @@ def has_data_iter_state(manager: ocp.CheckpointManager, step: int) -> bool:
   """Whether checkpoint `step` holds a data-iterator state for this process layout (grain keeps
   one file per process, named by process index and count)."""
   name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-  return os.path.exists(os.path.join(os.fspath(manager.directory), str(step), "data_iter", name))
+  return (epath.Path(manager.directory) / str(step) / "data_iter" / name).exists()
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any | None = None,
@@ -144,13 +146,13 @@ def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
   """Moves checkpoint `step` to <workdir>/checkpoints_unreadable/ (process 0; all then reload)."""
-  root = os.path.dirname(os.fspath(manager.directory))
-  aside = os.path.join(root, UNREADABLE_DIR, f"{step}-{int(time.time())}")
+  directory = epath.Path(manager.directory)
+  aside = directory.parent / UNREADABLE_DIR / f"{step}-{int(time.time())}"
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(aside), exist_ok=True)
-    shutil.move(os.path.join(os.fspath(manager.directory), str(step)), aside)
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    (directory / str(step)).rename(aside)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
   manager.reload()
-  return aside
+  return str(aside)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import sys
 import time
@@ -18,6 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from jax.sharding import Mesh
 
 from ardiff_jax import configlib
@@ -97,9 +97,9 @@ def restore_or_init(exp: Experiment, manager, data_iter=None) -> tuple[TrainStat
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(configlib.to_dict(config), f, indent=2, default=str)
+    root = epath.Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(configlib.to_dict(config), indent=2, default=str))
 
 
 class _Preemption:

@@ -1,6 +1,8 @@
 """Metric writing: `metrics.jsonl` (one JSON object per logged step) and TensorBoard events.
 
-Only process 0 writes; other processes get a writer that does nothing.
+Only process 0 writes; other processes get a writer that does nothing. A workdir may be a URL
+(`gs://bucket/run`, through etils.epath): metrics.jsonl is then rewritten whole at each write
+(object stores cannot append) and TensorBoard events are not written.
 """
 from __future__ import annotations
 
@@ -11,6 +13,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
+
+
+def is_remote(path: str) -> bool:
+  """True for a URL workdir such as gs://bucket/run (object store, no appends or renames)."""
+  return "://" in str(path)
 
 
 def _to_python(v: Any) -> Any:
@@ -31,8 +39,14 @@ class MetricWriter:
     self._tb = None
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
+    self._remote = is_remote(workdir)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     self._path = os.path.join(workdir, "metrics.jsonl")
+    self._lines = []
+    if self._remote:
+      target = epath.Path(self._path)
+      self._lines = target.read_text().splitlines(keepends=True) if target.exists() else []
+      tensorboard = False
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -41,8 +55,13 @@ class MetricWriter:
     row = {"step": int(step), **{k: _to_python(v) for k, v in sorted(scalars.items())}}
     if not self.active:
       return row
-    with open(self._path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    line = json.dumps(row) + "\n"
+    if self._remote:
+      self._lines.append(line)
+      epath.Path(self._path).write_text("".join(self._lines))
+    else:
+      with open(self._path, "a") as f:
+        f.write(line)
     if self._tb is not None:
       for k, v in row.items():
         if k != "step" and isinstance(v, (int, float)):
@@ -56,8 +75,7 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,144 @@
+"""`--mode aot`: compile the real train step for a TPU pod on this (CPU) machine, and report what
+one step needs per chip: memory (arguments, temporaries, outputs), FLOPs, and the step time those
+FLOPs imply at the chip's peak.
+
+    python -m ardiff_jax.main --config configs/mar_imagenet256.py:model=huge --workdir W \
+        --mode aot --config.aot.topology=v5e:16x16 --config.mesh.shape=-1,16,1
+
+Needs libtpu (`pip install -e ".[tpu]"`), which provides the compiler; no TPU is needed or used.
+The step is the one `--mode train` runs (same method, optimizer, mesh rules, remat and scan
+switches), traced on abstract inputs: nothing is allocated. Writes `<workdir>/aot/<topology>.json`.
+
+Caveats: the implied time counts FLOPs only (a lower bound; no communication or memory-bound
+time), and memory is XLA's static estimate for one chip.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from ardiff_jax.parallel import sharding as shd
+from ardiff_jax.train import bench
+from ardiff_jax.train.loop import build_experiment
+from ardiff_jax.train.state import jit_train_step
+
+
+def topology_devices(topology: str) -> list:
+  """The devices of a named TPU topology, e.g. "v5e:16x16" or "v4:4x4x4" (needs libtpu)."""
+  if not topology:
+    raise ValueError("--mode aot needs a TPU topology: --config.aot.topology=v5e:16x16 (chip "
+                     "generation and slice shape, as in gcloud's --accelerator-type)")
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  # Compiling needs no TPU, so several compilations (or a test beside a run) may share the host.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    return list(topologies.get_topology_desc(topology, "tpu").devices)
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuntimeError(
+        f"cannot describe TPU topology {topology!r} ({type(e).__name__}: {e}). Install the TPU "
+        "compiler with `pip install -e \".[tpu]\"` and name a topology such as v5e:4x4, "
+        "v5e:16x16, v4:2x2x2 or v5p:4x4x4") from e
+
+
+def abstract_batch(config: ml_collections.ConfigDict, batch_keys, mesh) -> dict:
+  """Shape-only global batch for the method's keys, sharded along the batch axis."""
+  b, size = config.train.batch_size, config.data.image_size
+  shapes = {"image": ((b, size, size, 3), jnp.float32), "label": ((b,), jnp.int32)}
+  if "moments" in batch_keys:
+    from ardiff_jax.methods import latent_tokens as lt  # pylint: disable=g-import-not-at-top
+    ae = lt.build_autoencoder(config)
+    side = size // 2 ** (len(ae.enc_ch_mult) - 1)
+    shapes["moments"] = ((b, side, side, 2 * ae.embed_dim), jnp.float32)
+  data = shd.batch_sharding(mesh)
+  out = {}
+  for k in batch_keys:
+    if k not in shapes:
+      raise ValueError(f"--mode aot does not know the shape of batch key {k!r}")
+    shape, dtype = shapes[k]
+    out[k] = jax.ShapeDtypeStruct(shape, dtype, sharding=data)
+  return out
+
+
+def memory_report(compiled) -> dict:
+  """Per-chip bytes from XLA's memory analysis."""
+  m = compiled.memory_analysis()
+  get = lambda name: int(getattr(m, name, 0) or 0)
+  report = {"argument_bytes": get("argument_size_in_bytes"), "output_bytes": get("output_size_in_bytes"),
+            "temp_bytes": get("temp_size_in_bytes"), "alias_bytes": get("alias_size_in_bytes"),
+            "code_bytes": get("generated_code_size_in_bytes")}
+  # Donated state buffers are aliased into the outputs: count them once.
+  report["total_bytes"] = (report["argument_bytes"] + report["output_bytes"] + report["temp_bytes"]
+                           - report["alias_bytes"])
+  return report
+
+
+def _write(result: dict, workdir: str, topology: str) -> str:
+  os.makedirs(os.path.join(workdir, "aot"), exist_ok=True)
+  path = os.path.join(workdir, "aot", f"{topology.replace(':', '_')}.json")
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  return path
+
+
+def run_aot(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  devices = topology_devices(config.aot.topology)
+  exp = build_experiment(config, devices=devices)
+  step = jit_train_step(exp.method, exp.tx, exp.schedule, config, exp.mesh, exp.shardings)
+  batch = abstract_batch(config, exp.method.batch_keys, exp.mesh)
+  params = shd.count_params(exp.abstract_state.params)
+  result = {
+      "config_method": config.method, "topology": config.aot.topology,
+      "device_kind": devices[0].device_kind, "num_chips": len(devices),
+      "mesh": dict(exp.mesh.shape), "global_batch_size": config.train.batch_size,
+      "num_params": params}
+  t0 = time.time()
+  lowered = step.lower(exp.abstract_state, batch)
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # The TPU compiler refuses a program that cannot fit in HBM: that is the answer.
+    result.update(fits=False, compile_s=time.time() - t0,
+                  error=str(e).strip().splitlines()[0][:500])
+    _write(result, workdir, config.aot.topology)
+    print(f"{config.method} on {config.aot.topology}, mesh {dict(exp.mesh.shape)}, batch "
+          f"{config.train.batch_size}: does not fit in one chip's memory.\n  {result['error']}\n"
+          "  Shard more (a larger fsdp axis), lower the batch, or turn on remat / scan_layers.")
+    return result
+  compile_s = time.time() - t0
+  flops_per_chip = bench._flops(compiled)  # pylint: disable=protected-access
+  peak = bench.peak_flops(devices[0])
+  result.update({
+      "fits": True, "compile_s": compile_s,
+      "memory_per_chip": memory_report(compiled),
+      "flops_per_chip": flops_per_chip,
+      "flops_per_step": None if flops_per_chip is None else flops_per_chip * len(devices),
+      "peak_flops_per_chip": peak,
+      "step_s_at_peak": None if not (flops_per_chip and peak) else flops_per_chip / peak,
+  })
+  if result["step_s_at_peak"]:
+    result["img_per_s_at_peak"] = config.train.batch_size / result["step_s_at_peak"]
+  path = _write(result, workdir, config.aot.topology)
+  gib = lambda n: n / 2**30
+  mem = result["memory_per_chip"]
+  print(f"{config.method} on {config.aot.topology} ({len(devices)} × {devices[0].device_kind}), "
+        f"mesh {dict(exp.mesh.shape)}, batch {config.train.batch_size}: {params / 1e6:.1f}M params")
+  print(f"  per chip: arguments {gib(mem['argument_bytes']):.2f} GiB, temporaries "
+        f"{gib(mem['temp_bytes']):.2f} GiB, outputs {gib(mem['output_bytes']):.2f} GiB "
+        f"(aliased {gib(mem['alias_bytes']):.2f}), total {gib(mem['total_bytes']):.2f} GiB")
+  if flops_per_chip:
+    line = f"  FLOPs per step {result['flops_per_step']:.3e} ({flops_per_chip:.3e} per chip)"
+    if result["step_s_at_peak"]:
+      line += (f"; at {peak / 1e12:.0f} TFLOP/s per chip: {result['step_s_at_peak'] * 1e3:.1f} ms "
+               f"per step, {result['img_per_s_at_peak']:.0f} img/s")
+    print(line)
+  print(f"  compiled in {compile_s:.0f} s; written to {path}")
+  logging.info("aot result: %s", result)
+  return result
