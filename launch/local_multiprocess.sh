@@ -29,12 +29,21 @@ for ((i = 0; i < PROCESSES; i++)); do
   pids+=($!)
 done
 
-# The first failure stops the others (they would wait for it at their next collective).
+# The first failure stops the others: they would wait for it at their next collective, where a
+# SIGTERM (handled between steps) never arrives, so SIGKILL follows after a short grace period.
+stop_all() {
+  for pid in "${pids[@]}"; do pkill -TERM -P "$pid" 2>/dev/null || true; done
+  sleep 10
+  for pid in "${pids[@]}"; do pkill -KILL -P "$pid" 2>/dev/null || true; done
+}
+trap 'stop_all; exit 130' INT TERM
 status=0
 for ((k = 0; k < PROCESSES; k++)); do
   if ! wait -n; then
     status=1
-    for pid in "${pids[@]}"; do pkill -TERM -P "$pid" 2>/dev/null || true; done
+    stop_all
+    break
   fi
 done
+wait
 exit "$status"

@@ -41,7 +41,8 @@ case "${1:-}" in
   run)
     shift
     args=$(printf '%q ' "$@")
-    ssh_all "cd ~/ardiff_jax && .venv/bin/python -m ardiff_jax.main $args 2>&1 | tee -a ~/ardiff_jax_run.log"
+    ssh_all "set -o pipefail; cd ~/ardiff_jax && ARDIFF_JAX_DISTRIBUTED=auto \
+      .venv/bin/python -m ardiff_jax.main $args 2>&1 | tee -a ~/ardiff_jax_run.log"
     ;;
   delete)
     gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone "$ZONE" "${PROJECT_ARGS[@]}" --quiet

@@ -57,14 +57,16 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str],
 def maybe_initialize_distributed() -> None:
   """Starts JAX's multi-controller runtime when the environment configures several processes.
 
-  TPU pods, SLURM and the explicit JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID
-  variables are detected by `jax.distributed.initialize`; a single process without any of them
-  stays single-process.
+  The explicit JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID variables, SLURM, and
+  TPU pods are detected by `jax.distributed.initialize`. A TPU VM slice may describe its workers
+  only through the metadata server, so `launch/tpu_pod.sh` also sets ARDIFF_JAX_DISTRIBUTED=auto,
+  which always asks JAX to auto-detect. A single process without any of them stays single-process.
   """
   import os  # pylint: disable=g-import-not-at-top
   explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
-  cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
-                                          "MEGASCALE_COORDINATOR_ADDRESS"))
+  cluster = os.environ.get("ARDIFF_JAX_DISTRIBUTED") == "auto" or any(
+      k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
+                                "MEGASCALE_COORDINATOR_ADDRESS"))
   if not (explicit or cluster):
     return
   kwargs = {}

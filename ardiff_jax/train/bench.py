@@ -24,6 +24,7 @@ from ardiff_jax.train.state import init_state, jit_train_step
 PEAK_FLOPS = {
     "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12,
+    "TPU v5": 459e12,   # v5p reports itself as "TPU v5"; after "TPU v5 lite", which matches first
 }
 
 

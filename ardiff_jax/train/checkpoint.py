@@ -125,8 +125,18 @@ def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
   `<workdir>/checkpoints_unreadable/<step>-<time>` (nothing is deleted), with a warning, so that
   training continues from the restored step and saves over no broken files. If no checkpoint can
   be read, nothing is moved and the error lists them. A checkpoint that reads but does not fit
-  the model is an error, never skipped.
+  the model is an error, never skipped. Multi-process runs and gs:// workdirs do not fall back
+  (processes could disagree on what they read): they fail with the step to move aside.
   """
+  if jax.process_count() > 1 or "://" in os.fspath(manager.directory):
+    # Processes could disagree on what they can read (each reads its own shards and iterator
+    # file), and an object store has no cheap rename: fail clearly instead of guessing.
+    try:
+      return restore(manager, abstract_state, data_iter)
+    except UnreadableCheckpointError as e:
+      raise UnreadableCheckpointError(
+          f"{e}\nMove that step's directory out of {manager.directory} to resume from the "
+          "previous checkpoint.") from e
   unreadable = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
@@ -145,14 +155,11 @@ def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
-  """Moves checkpoint `step` to <workdir>/checkpoints_unreadable/ (process 0; all then reload)."""
-  directory = epath.Path(manager.directory)
-  aside = directory.parent / UNREADABLE_DIR / f"{step}-{int(time.time())}"
-  if jax.process_index() == 0:
-    aside.parent.mkdir(parents=True, exist_ok=True)
-    (directory / str(step)).rename(aside)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
+  """Moves checkpoint `step` to <workdir>/checkpoints_unreadable/<step>-<time> (single process,
+  local workdir)."""
+  directory = os.fspath(manager.directory)
+  aside = os.path.join(os.path.dirname(directory), UNREADABLE_DIR, f"{step}-{int(time.time())}")
+  os.makedirs(os.path.dirname(aside), exist_ok=True)
+  os.rename(os.path.join(directory, str(step)), aside)
   manager.reload()
-  return str(aside)
+  return aside

@@ -122,6 +122,19 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def _agree_to_stop(requested: bool, at_sync_point: bool) -> bool:
+  """Whether to save and stop after this step. One process: as soon as SIGTERM arrived. Several:
+  all must stop at the same step (saving is collective), so they compare flags at the logging
+  steps (the same steps on every process) and stop if any was signalled."""
+  if jax.process_count() == 1:
+    return requested
+  if not at_sync_point:
+    return False
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.asarray(int(requested), np.int32))
+  return bool(np.asarray(flags).any())
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains `config.method` for `train.num_steps`, resuming from the newest checkpoint."""
   exp = build_experiment(config)
@@ -170,11 +183,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             f"step {step}: non-finite loss or gradient (nan_policy='halt'); the update was not "
             f"applied and the state was saved at step {done}. Lower optim.lr, check the data, or "
             "set --config.nan_policy=skip to skip such steps.")
-      if done % config.train.ckpt_every == 0 or done == num_steps or preempt.requested:
-        checkpoint.save(manager, done, state, data_iter, cfg_dict, force=preempt.requested)
+      stop = _agree_to_stop(preempt.requested, at_sync_point=done % log_every == 0)
+      if done % config.train.ckpt_every == 0 or done == num_steps or stop:
+        checkpoint.save(manager, done, state, data_iter, cfg_dict, force=stop)
       if config.eval.every_steps and done % config.eval.every_steps == 0:
         writer.write(done, _periodic_eval(config, workdir, state, done))
-      if preempt.requested:
+      if stop:
         logging.warning("stopped at step %d after SIGTERM; rerun the same command to resume", done)
         break
   finally:

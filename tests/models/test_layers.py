@@ -37,15 +37,15 @@ def _forward(kind, model, params, tokens, labels):
   return model.apply({"params": params}, method=lambda m: f(m))
 
 
-@pytest.mark.parametrize("kind", ["mar", "gpt"])
-def test_scanned_and_rematerialised_stack_equals_the_loop(kind):
-  scanned = _build(kind, scan_layers=True, remat="full")
+@pytest.mark.parametrize("kind,scan,remat", [("mar", True, "full"), ("gpt", True, "dots"),
+                                             ("mar", False, "full")])
+def test_scanned_and_rematerialised_stack_equals_the_loop(kind, scan, remat):
+  scanned = _build(kind, scan_layers=scan, remat=remat)
   loop = _build(kind)
   params = perturb_head_outputs(scanned.init(jax.random.key(0), method=type(scanned).init_all)["params"])
-  for name in _stacks(kind):   # the scanned tree: one [depth, ...] entry per block parameter
-    assert layers.SCAN_LAYER in params[name]
   unstacked = params
-  for name in _stacks(kind):
+  for name in _stacks(kind) if scan else ():   # scanned: one [depth, ...] entry per parameter
+    assert layers.SCAN_LAYER in params[name]
     unstacked = layers.unstack_layers(unstacked, name)
   want_tree = jax.tree.map(jnp.shape, loop.init(jax.random.key(0), method=type(loop).init_all)["params"])
   assert jax.tree.map(jnp.shape, unstacked) == want_tree
@@ -59,11 +59,25 @@ def test_scanned_and_rematerialised_stack_equals_the_loop(kind):
   loss = lambda m, p: sum(jnp.sum(jnp.square(x)) for x in _forward(kind, m, p, tokens, labels))
   g_scan = jax.grad(lambda p: loss(scanned, p))(params)
   g_loop = jax.grad(lambda p: loss(loop, p))(unstacked)
-  for name in _stacks(kind):
+  for name in _stacks(kind) if scan else ():
     g_scan = layers.unstack_layers(g_scan, name)
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_loop))   # float32 sums reorder
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale),
                g_scan, g_loop)
+
+
+def test_dropout_runs_through_scanned_rematerialised_blocks():
+  """Training mode: each scanned layer draws its own dropout mask (the loop's keys differ, so
+  only the behaviour is compared): outputs change with the dropout key and differ from eval."""
+  model = gpt.make_gpt("gpt_tiny", token_dim=C, seq_len=L, num_classes=10, dropout=0.5,
+                       scan_layers=True, remat="full")
+  params = model.init(jax.random.key(0), method=gpt.GPT.init_all)["params"]
+  tokens, labels = jnp.ones((2, L, C)), jnp.array([1, 2])
+  run = lambda key: model.apply({"params": params}, tokens, labels, deterministic=key is None,
+                                rngs=None if key is None else {"dropout": key})
+  a, b, ev = run(jax.random.key(1)), run(jax.random.key(2)), run(None)
+  assert np.isfinite(a).all() and not np.allclose(a, b) and not np.allclose(a, ev)
+  np.testing.assert_array_equal(run(jax.random.key(1)), a)
 
 
 @pytest.mark.slow

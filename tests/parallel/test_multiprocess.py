@@ -1,7 +1,9 @@
 """Two JAX processes × 4 CPU devices (launch/local_multiprocess.sh) train exactly as one process
 does on the same global batches, and checkpoints move between 2 processes and 1 in both ways."""
 import os
+import signal
 import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -21,15 +23,21 @@ LAUNCH = os.path.join(REPO, "launch", "local_multiprocess.sh")
 
 
 def _launch(workdir, steps):
-  env = dict(os.environ, PROCESSES="2", DEVICES_PER_PROCESS="4",
+  env = dict(os.environ, PROCESSES="2", DEVICES_PER_PROCESS="4", PYTHON=sys.executable,
              XLA_FLAGS="--xla_backend_optimization_level=0")
-  out = subprocess.run(
+  proc = subprocess.Popen(
       [LAUNCH, "--config", "configs/kl_digits.py:tiny", "--workdir", workdir, "--mode", "train",
        f"--config.train.num_steps={steps}", "--config.train.log_every=1",
        f"--config.train.ckpt_every={steps}"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-  assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-  return out.stdout + out.stderr
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      start_new_session=True)
+  try:
+    log, _ = proc.communicate(timeout=400)
+  finally:
+    if proc.poll() is None:              # timed out: stop the script and both JAX processes
+      os.killpg(proc.pid, signal.SIGKILL)
+  assert proc.returncode == 0, log[-8000:]
+  return log
 
 
 def _config(steps):

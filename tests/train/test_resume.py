@@ -17,7 +17,7 @@ from ardiff_jax.train import checkpoint, loop
 from ardiff_jax.train.metrics import read_metrics
 from tests.helpers import REPO, load_config
 
-STEPS = 8
+STEPS = 10
 ARGS = ["--config", "configs/kl_digits.py:tiny", "--mode", "train",
         f"--config.train.num_steps={STEPS}", "--config.train.ckpt_every=2",
         "--config.train.log_every=1"]
@@ -74,7 +74,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def _interrupt_and_resume(tmp_path, sig):
-  kill_at = random.randint(2, STEPS - 3)
+  kill_at = random.randint(2, STEPS - 5)   # leaves ≥ 4 steps for the signal to land in
   workdir = str(tmp_path / "interrupted")
   proc = _start(workdir)
   reached = _wait_for_step(proc, workdir, kill_at)
@@ -83,7 +83,7 @@ def _interrupt_and_resume(tmp_path, sig):
   manager = checkpoint.make_manager(workdir)
   saved = manager.latest_step()
   _run(workdir)                                     # the same command resumes
-  return code, reached, saved, _final_state(workdir), f"interrupted at step {reached}"
+  return code, reached, saved, _final_state(workdir), f"signal at step {reached} (drawn {kill_at})"
 
 
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path, uninterrupted):
