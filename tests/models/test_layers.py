@@ -37,8 +37,10 @@ def _forward(kind, model, params, tokens, labels):
   return model.apply({"params": params}, method=lambda m: f(m))
 
 
-@pytest.mark.parametrize("kind,scan,remat", [("mar", True, "full"), ("gpt", True, "dots"),
-                                             ("mar", False, "full")])
+@pytest.mark.parametrize("kind,scan,remat", [
+    ("mar", True, "full"),
+    pytest.param("gpt", True, "dots", marks=pytest.mark.slow),
+    pytest.param("mar", False, "full", marks=pytest.mark.slow)])
 def test_scanned_and_rematerialised_stack_equals_the_loop(kind, scan, remat):
   scanned = _build(kind, scan_layers=scan, remat=remat)
   loop = _build(kind)

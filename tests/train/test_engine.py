@@ -86,6 +86,7 @@ def test_nonfinite_batch_is_skipped_and_counted():
   assert int(m["nonfinite"]) == 0 and int(state.num_nonfinite) == 1
 
 
+@pytest.mark.slow   # make test restores across process layouts in tests/parallel/test_multiprocess.py
 def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
   config = tiny_config((8, 1, 1))
   exp = build_experiment(config)

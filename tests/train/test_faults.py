@@ -63,6 +63,7 @@ def test_no_readable_checkpoint_is_an_error_that_moves_nothing(tmp_path):
   assert not os.path.exists(os.path.join(workdir, checkpoint.UNREADABLE_DIR))
 
 
+@pytest.mark.slow   # make test runs the skip policy on a NaN batch (tests/train/test_engine.py)
 def test_nan_batch_halts_cleanly_under_halt_policy(tmp_path, monkeypatch):
   real, calls = loop.shd.global_batch, []
 
