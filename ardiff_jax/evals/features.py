@@ -48,10 +48,10 @@ def use_cifar_feature_net(f: ml_collections.ConfigDict) -> ml_collections.Config
   """Settings for natural 32 px images (CIFAR-10): full-resolution stem, BatchNorm, 15 epochs at
   batch 128.
 
-  Sized so that it trains on a 2-core CPU in about 1.5 hours (it is trained once per dataset and
-  cached). Measured on CIFAR-10 after 600 steps: 66.1% held-out with BatchNorm vs 55.7% with
-  GroupNorm; GroupNorm's full 15 epochs reached 80.0%. Widen `widths` (e.g. 64/128/256) and add
-  `blocks_per_stage` where an accelerator is at hand.
+  Sized so that it trains on a 2-core CPU in 1.2 to 2 hours (it is trained once per dataset and
+  cached). Measured on CIFAR-10 (held-out, 10,000 test images): 83.45% after the 15 epochs with
+  BatchNorm, against 80.0% with GroupNorm; after 600 steps 66.1% vs 55.7%. Widen `widths` (e.g.
+  64/128/256) and add `blocks_per_stage` where an accelerator is at hand.
   """
   f.update(dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=1, norm="batch",
                 steps=5860, batch_size=128, lr=2e-3, warmup_steps=300, max_shift=4,
