@@ -113,7 +113,7 @@ def run_aot(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "  Shard more (a larger fsdp axis), lower the batch, or turn on remat / scan_layers.")
     return result
   compile_s = time.time() - t0
-  flops_per_chip = bench._flops(compiled)  # pylint: disable=protected-access
+  flops_per_chip = bench.compiled_flops(compiled)
   peak = bench.peak_flops(devices[0])
   result.update({
       "fits": True, "compile_s": compile_s,

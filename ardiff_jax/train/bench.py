@@ -36,7 +36,8 @@ def peak_flops(device: jax.Device) -> float | None:
   return None
 
 
-def _flops(compiled) -> float | None:
+def compiled_flops(compiled) -> float | None:
+  """FLOPs of one call of a compiled function (per device under SPMD), from XLA's cost analysis."""
   try:
     cost = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except
@@ -71,7 +72,7 @@ def _measure_train_step(config: ml_collections.ConfigDict, local: dict):
 
   _time(one_step, config.bench.warmup_steps)
   step_time = _time(one_step, config.bench.steps)
-  return exp, holder["state"], compile_time, step_time, _flops(compiled)
+  return exp, holder["state"], compile_time, step_time, compiled_flops(compiled)
 
 
 def _condref_share(config: ml_collections.ConfigDict, local: dict, step_time: float) -> dict:

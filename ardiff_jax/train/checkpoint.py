@@ -21,6 +21,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from ardiff_jax.train.metrics import is_remote
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint is missing or does not fit the model; the message says what to do."""
@@ -38,7 +40,7 @@ def _path_str(path) -> str:
 
 def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
   # A URL workdir (gs://...) is used as is; a local one is made absolute, as orbax wants.
-  directory = (workdir.rstrip("/") + "/checkpoints" if "://" in workdir
+  directory = (workdir.rstrip("/") + "/checkpoints" if is_remote(workdir)
                else os.path.join(os.path.abspath(workdir), "checkpoints"))
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
@@ -128,7 +130,7 @@ def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
   the model is an error, never skipped. Multi-process runs and gs:// workdirs do not fall back
   (processes could disagree on what they read): they fail with the step to move aside.
   """
-  if jax.process_count() > 1 or "://" in os.fspath(manager.directory):
+  if jax.process_count() > 1 or is_remote(os.fspath(manager.directory)):
     # Processes could disagree on what they can read (each reads its own shards and iterator
     # file), and an object store has no cheap rename: fail clearly instead of guessing.
     try:
