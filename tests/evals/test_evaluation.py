@@ -58,7 +58,8 @@ def test_batchnorm_feature_net_keeps_running_statistics(tmp_path, config):
   """norm="batch": running statistics train with the net, are cached with it, and a feature
   never depends on the other images of its batch."""
   f = config.eval.feature_net
-  f.dir, f.norm, f.steps, f.widths = str(tmp_path), "batch", 40, (8, 16, 16)
+  f.dir, f.norm, f.steps = str(tmp_path), "batch", 40
+  f.arch, f.widths = "pooled", (8, 16, 16, 16)     # the CIFAR-10 layout, narrow
   fnet = features.get_feature_net(config.data, f)
   stats = fnet.variables["batch_stats"]["stem_norm"]
   assert np.abs(np.asarray(stats["mean"])).max() > 1e-3          # moved away from the init (0, 1)
@@ -73,6 +74,25 @@ def test_batchnorm_feature_net_keeps_running_statistics(tmp_path, config):
   f.norm = "layer"
   with pytest.raises(ValueError, match="norm='layer'"):
     features.get_feature_net(config.data, f)
+
+
+def test_pooled_classifier_layout():
+  """arch="pooled": a 2×2 max-pool per stage after widths[0], residual blocks only after the
+  stages in residual_stages, global-max features of widths[-1] dims; an unknown arch is an error."""
+  import jax  # pylint: disable=g-import-not-at-top
+  f = load_config("kl_cifar10").eval.feature_net
+  f.widths = (4, 8, 8, 12)
+  net = features.build_classifier(f, num_classes=10)
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  variables = net.init(jax.random.PRNGKey(0), x)
+  feats, logits = net.apply(variables, x)
+  assert feats.shape == (2, 12) and logits.shape == (2, 10)
+  blocks = sorted(k for k in variables["params"] if "_block" in k)
+  assert blocks == ["stage1_block0", "stage3_block0"]
+  assert variables["params"]["stage3_block0"]["conv1"]["kernel"].shape == (3, 3, 12, 12)
+  f.arch = "dense"
+  with pytest.raises(ValueError, match="arch='dense'"):
+    features.build_classifier(f, num_classes=10)
 
 
 def test_class_accuracy_of_real_test_images_is_the_classifier_accuracy(trained):
