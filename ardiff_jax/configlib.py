@@ -162,6 +162,8 @@ def feature_net_defaults() -> ml_collections.ConfigDict:
   f.stem_stride = 2
   f.groups = 8                # GroupNorm groups (norm="group")
   f.norm = "group"           # "group" | "batch" (running statistics kept with the checkpoint)
+  f.arch = "strided"         # "strided" residual stages | "pooled" (ResNet-9 layout, evals/features.py)
+  f.residual_stages = (1, 3)  # arch="pooled": stages (indices into widths) followed by residual blocks
   f.steps = 500
   f.batch_size = 64
   f.lr = 3e-3
@@ -176,3 +178,29 @@ def feature_net_defaults() -> ml_collections.ConfigDict:
 def to_dict(config: ml_collections.ConfigDict) -> dict:
   """Plain JSON-able dict of a config (tuples become lists)."""
   return config.to_dict()
+
+
+def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file at `path` (e.g. "configs/mar_digits.py", "kl=W,tiny"):
+  what `--config path:arg` gives the command line, for notebooks and tests (unlocked)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist (configs live in configs/NAME.py)")
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with, from its `config.json`."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a trained ardiff_jax run "
+                            "(train it first with --mode train)")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))

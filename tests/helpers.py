@@ -1,7 +1,6 @@
 """Shared test helpers: load configs by path, tiny experiments."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -9,11 +8,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_config(name: str, arg: str | None = None):
   """`get_config(arg)` of configs/<name>.py, unlocked so tests can edit it."""
-  path = os.path.join(REPO, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  from ardiff_jax import configlib  # pylint: disable=g-import-not-at-top
+  return configlib.load_config(os.path.join(REPO, "configs", f"{name}.py"), arg)
 
 
 def perturb_head_outputs(params, scale: float = 0.05):

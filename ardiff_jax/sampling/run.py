@@ -14,6 +14,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from ardiff_jax import configlib
 from ardiff_jax.data import pipeline
 from ardiff_jax.evals import grids
 from ardiff_jax.parallel import sharding as shd
@@ -34,12 +35,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, use_ema: boo
 def restore_run_params(workdir: str, use_ema: bool | None = None):
   """Parameters of another run (e.g. the tokenizer a generator decodes with), rebuilt from the
   run's own `config.json`; `use_ema` defaults to that run's `sample.use_ema`."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a trained ardiff_jax run "
-                            "(train it first with --mode train)")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = configlib.load_run_config(workdir)
   use_ema = config.sample.use_ema if use_ema is None else use_ema
   _, params, _ = restore_params(config, workdir, use_ema)
   return jax.device_get(params)
