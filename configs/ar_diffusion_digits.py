@@ -10,7 +10,7 @@ order (raster | random).
 from ardiff_jax import configlib
 from ardiff_jax.methods.ar_diffusion import ar_base_config
 from ardiff_jax.methods.latent_tokens import (use_digits_condref, use_digits_latents,
-                                           use_digits_run)
+                                           use_cpu_run)
 
 
 def get_config(arg=None):
@@ -19,7 +19,7 @@ def get_config(arg=None):
   c = ar_base_config("gpt_small", a.batch)
   use_digits_latents(c, c.ar, a.kl, a.tiny)
 
-  use_digits_run(c, c.ar, a.steps, a.tiny)
+  use_cpu_run(c, c.ar, a.steps, a.tiny)
   use_digits_condref(c, a.condref)
   c.ar.order = a.order
   if a.tiny:

@@ -2,7 +2,9 @@
 
 Point `data.path` at the folder holding `train/<class>/*.jpg` and `test/<class>/*.jpg`, e.g. after
 `mkdir -p data && tar xzf cifar10-jpg.tar.gz -C data`: `--config.data.path=data/cifar10`.
-kl_small: stride 4, 32×32 -> 8×8×8 latents (tokens for MAR/AR on CIFAR-10).
+kl_small: stride 4, 32×32 -> 8×8×4 latents (tokens for MAR/AR on CIFAR-10).
+Args: steps, batch, path, preset (kl_small | kl_tiny: a quarter of kl_small's width and half its
+depth, for CPU budgets), disc (the PatchGAN from half-way, as LDM; False skips it).
 """
 from ardiff_jax import configlib
 from ardiff_jax.evals.features import use_cifar_feature_net
@@ -10,8 +12,9 @@ from ardiff_jax.tokenizers.train import tokenizer_base_config
 
 
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, steps=20000, batch=128, path="data/cifar10")
-  c = tokenizer_base_config("kl_small")
+  a = configlib.parse_arg(arg, steps=20000, batch=128, path="data/cifar10", preset="kl_small",
+                          disc=True)
+  c = tokenizer_base_config(a.preset)
 
   c.data.source = "folder"
   c.data.path = a.path
@@ -25,7 +28,7 @@ def get_config(arg=None):
   c.train.ema_decay = 0.999
   c.optim.lr = 4e-4
   c.optim.warmup_steps = 500
-  c.tokenizer.disc_enabled = True
+  c.tokenizer.disc_enabled = a.disc
   c.tokenizer.disc_start = a.steps // 2   # LDM starts the GAN after the reconstruction settles
   use_cifar_feature_net(c.eval.feature_net)
   c.eval.num_samples = 10000

@@ -41,3 +41,18 @@ def test_ar_imagenet_config_uses_llamagen_sizes():
 def test_unknown_model_size_is_refused():
   with pytest.raises(ValueError, match="choose one of"):
     load_config("mar_imagenet256", "model=giant")
+
+
+@pytest.mark.parametrize("cpu", [False, True])
+def test_cifar10_mar_and_causal_ar_share_one_budget(cpu):
+  """The CIFAR-10 comparison is at an equal budget: same tokens, steps, batch, optimiser,
+  sampler settings and evaluation; only the generator differs."""
+  arg = f"tok=kl_tiny,kl=K,steps=123,batch=32,cpu={cpu}"
+  mar, ar = load_config("mar_cifar10", arg), load_config("ar_diffusion_cifar10", arg)
+  for field in ("tokenizer", "data", "train", "optim", "sample", "eval"):
+    assert mar[field].to_dict() == ar[field].to_dict(), field
+  assert mar.mar.patch_size == ar.ar.patch_size == 2
+  assert mar.mar.tokenizer_workdir == ar.ar.tokenizer_workdir == "K"
+  assert mar.train.num_steps == 123 and mar.data.path == "K/cache"
+  assert mar.eval.data.source == "folder" and mar.eval.feature_net.arch == "pooled"
+  assert mar.optim.lr == (1e-3 if cpu else 1e-4 * 32 / 256)

@@ -129,9 +129,9 @@ def no_decay_in_head(params):
       not any(getattr(k, "key", None) == "diffloss" for k in path), params)
 
 
-def use_digits_run(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict, steps: int,
-                   tiny: bool) -> None:
-  """The demo's training and sampling sizes for a digits generator (a minutes-long CPU run):
+def use_cpu_run(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict, steps: int,
+                tiny: bool) -> None:
+  """Training and sampling sizes for a short CPU run (the digits demo, CIFAR-10 budget runs):
   lr 1e-3 rather than 1e-4·B/256; samples from the raw weights, since an EMA of a run this short
   still holds much of its initialisation (MAR's author: EMA needs ~100k steps); 50 DDPM steps, CFG 2;
   x̂_0 clipped to ±5 while sampling (tokens have unit std and |x| < 3.1 in the cache): a head
@@ -183,6 +183,52 @@ def use_digits_latents(c: ml_collections.ConfigDict, section: ml_collections.Con
                                  enc_attn_resolutions=(), resolution=16)
     c.data.image_size = c.eval.data.image_size = 16
     section.patch_size = 1
+
+
+CIFAR10_TRAIN_IMAGES = 50_000
+
+
+def use_cifar10_latents(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict, *,
+                        kl: str, path: str, preset: str) -> None:
+  """Points a generator config at a `configs/kl_cifar10.py` run (`preset` must be that run's) and
+  its cache; evaluation reads the CIFAR-10 image folder at `path` with the CIFAR-10 feature net.
+
+  32 px -> 8×8×4 latents -> 2×2 patches: 16 tokens of 16 dims (KL-16's token width); the scale
+  is 1/std of the cache (kl_cifar10 has no published scale).
+  """
+  from ardiff_jax import configlib  # pylint: disable=g-import-not-at-top
+  from ardiff_jax.evals.features import use_cifar_feature_net  # pylint: disable=g-import-not-at-top
+  from ardiff_jax.tokenizers.train import tokenizer_config  # pylint: disable=g-import-not-at-top
+  c.tokenizer = tokenizer_config(preset)
+  c.tokenizer.latent_scale = 0.0
+  section.tokenizer_workdir = kl
+  section.patch_size = 2
+  c.data.source = "cached"
+  c.data.path = kl + "/cache"
+  c.data.image_size = 32
+  c.eval.data = ml_collections.ConfigDict(configlib.base_config().data.to_dict())
+  c.eval.data.source = "folder"
+  c.eval.data.path = path
+  c.eval.data.image_size = 32
+  use_cifar_feature_net(c.eval.feature_net)
+
+
+def use_cifar10_run(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict, *,
+                    steps: int, batch: int, cpu: bool) -> None:
+  """`steps` steps of MAR's recipe with a 5-epoch warmup (MAR: 100 epochs of a 400-epoch run),
+  EMA 0.9999, 100 DDPM steps, CFG 3; or, with `cpu`, the short-run settings of `use_cpu_run`
+  (lr 1e-3, raw weights, 50 DDPM steps, CFG 2). Both evaluate 10,000 samples against the 10,000
+  test images, as the real-train row of the evaluator check does."""
+  if cpu:
+    use_cpu_run(c, section, steps, tiny=False)
+  else:
+    c.train.num_steps = steps
+    c.optim.warmup_steps = 5 * CIFAR10_TRAIN_IMAGES // batch
+    c.train.log_every = 200
+    c.train.ckpt_every = 5000
+    c.sample.cfg_scale = 3.0
+    c.sample.num_samples = c.sample.batch_size = 100
+  c.eval.num_samples, c.eval.batch_size = 10000, 250
 
 
 def use_digits_condref(c: ml_collections.ConfigDict, mode: str) -> None:
