@@ -33,7 +33,7 @@ demo: $(STAMP)
 	@echo "          $(DEMO_DIR)/mar/eval/condition_error_*.png (denoising and condition SNR per timestep)."
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow" $(PYTEST_ARGS)
