@@ -155,6 +155,23 @@ def use_cpu_run(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict
     c.eval.num_samples, c.eval.batch_size = 40, 16
 
 
+def _use_cached_latents(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
+                        tokenizer_workdir: str, eval_source: str) -> None:
+  """What the dataset helpers below share: 32 px images, tokens from the cache of the tokenizer
+  run at `tokenizer_workdir` at 1/std of the cache, 2×2 patches, and evaluation against the real
+  images of `eval_source` (a fresh `eval.data` for the caller to complete)."""
+  from ardiff_jax import configlib  # pylint: disable=g-import-not-at-top
+  c.tokenizer.latent_scale = 0.0
+  section.tokenizer_workdir = tokenizer_workdir
+  section.patch_size = 2
+  c.data.source = "cached"
+  c.data.path = tokenizer_workdir + "/cache"
+  c.data.image_size = 32
+  c.eval.data = ml_collections.ConfigDict(configlib.base_config().data.to_dict())
+  c.eval.data.source = eval_source
+  c.eval.data.image_size = 32
+
+
 def use_digits_latents(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
                        tokenizer_workdir: str, tiny: bool) -> None:
   """Points a generator config at the digits demo tokenizer (`configs/kl_digits.py`) and its cache.
@@ -163,20 +180,11 @@ def use_digits_latents(c: ml_collections.ConfigDict, section: ml_collections.Con
   tokenizer, 8×8×4 latents, patch 1: 64 tokens of 4 dims). The scale is 1/std of the cache.
   Evaluation reads the digits images themselves (`eval.data`).
   """
-  from ardiff_jax import configlib  # pylint: disable=g-import-not-at-top
   from ardiff_jax.tokenizers.train import tokenizer_config  # pylint: disable=g-import-not-at-top
   c.tokenizer = tokenizer_config("kl_tiny")
   c.tokenizer.overrides = dict(enc_ch=16, dec_ch=16, resolution=32)
-  c.tokenizer.latent_scale = 0.0
-  section.tokenizer_workdir = tokenizer_workdir
-  section.patch_size = 2
-  c.data.source = "cached"
-  c.data.path = tokenizer_workdir + "/cache"
-  c.data.image_size = 32
+  _use_cached_latents(c, section, tokenizer_workdir, eval_source="digits")
   c.data.random_flip = False               # digits are not mirror-symmetric
-  c.eval.data = ml_collections.ConfigDict(configlib.base_config().data.to_dict())
-  c.eval.data.source = "digits"
-  c.eval.data.image_size = 32
   c.eval.data.random_flip = False
   if tiny:
     c.tokenizer.overrides = dict(enc_ch=16, dec_ch=16, enc_ch_mult=(1, 2), dec_ch_mult=(1, 2),
@@ -196,20 +204,11 @@ def use_cifar10_latents(c: ml_collections.ConfigDict, section: ml_collections.Co
   32 px -> 8×8×4 latents -> 2×2 patches: 16 tokens of 16 dims (KL-16's token width); the scale
   is 1/std of the cache (kl_cifar10 has no published scale).
   """
-  from ardiff_jax import configlib  # pylint: disable=g-import-not-at-top
   from ardiff_jax.evals.features import use_cifar_feature_net  # pylint: disable=g-import-not-at-top
   from ardiff_jax.tokenizers.train import tokenizer_config  # pylint: disable=g-import-not-at-top
   c.tokenizer = tokenizer_config(preset)
-  c.tokenizer.latent_scale = 0.0
-  section.tokenizer_workdir = kl
-  section.patch_size = 2
-  c.data.source = "cached"
-  c.data.path = kl + "/cache"
-  c.data.image_size = 32
-  c.eval.data = ml_collections.ConfigDict(configlib.base_config().data.to_dict())
-  c.eval.data.source = "folder"
+  _use_cached_latents(c, section, kl, eval_source="folder")
   c.eval.data.path = path
-  c.eval.data.image_size = 32
   use_cifar_feature_net(c.eval.feature_net)
 
 
