@@ -98,8 +98,9 @@ class FeatureClassifier(nn.Module):
   conv-norm-ReLU at widths[0], then per later width a conv-norm-ReLU followed by a 2×2 max-pool,
   with `blocks_per_stage` residual blocks after the stages in `residual_stages` (indices into
   widths); features are the global maximum. Pooling right after each widening conv runs most
-  convolutions at a quarter of the pixels, so at equal FLOPs it carries three times the
-  parameters of the strided layout.
+  convolutions at a quarter of the pixels: the CIFAR-10 net (16/32/64/128, 413,514 parameters)
+  has more parameters than the strided 32/64/128 one (308,938) and runs 2.4× more steps per
+  second on a CPU.
 
   train=True normalises BatchNorm layers by the batch (and must be applied with
   mutable=["batch_stats"]); train=False uses the running averages. GroupNorm ignores it.
