@@ -1,5 +1,6 @@
 """Every shipped config loads, and the paper-scale ones build the right models (abstractly)."""
 import glob
+import json
 import os
 
 import jax
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from ardiff_jax.train.loop import build_experiment
+from tests import config_fixtures
 from tests.helpers import REPO, load_config
 
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -16,6 +18,21 @@ CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 
 def test_config_loads_with_its_defaults(name):
   config = load_config(name)
   assert config.method and config.train.num_steps > 0 and config.train.batch_size > 0
+
+
+with open(config_fixtures.FIXTURE) as _f:
+  FROZEN = json.load(_f)
+
+
+@pytest.mark.parametrize("name,arg", config_fixtures.cases(),
+                         ids=[config_fixtures.key(n, a) for n, a in config_fixtures.cases()])
+def test_config_resolves_to_its_frozen_config_json(name, arg):
+  """Each config, with its main argument variants, gives the frozen config.json field by field
+  (rewrite tests/fixtures/configs.json with `python -m tests.config_fixtures` after an intended
+  change, and review the diff)."""
+  want = FROZEN.get(config_fixtures.key(name, arg))
+  assert want is not None, "new config: add it with `python -m tests.config_fixtures`"
+  assert config_fixtures.resolve(name, arg) == want
 
 
 def _num_params(config) -> int:
