@@ -32,7 +32,9 @@ demo: $(STAMP)
 	@echo "Metrics:  $(DEMO_DIR)/mar/eval/*.json (FD-clf, class accuracy, precision/recall) and"
 	@echo "          $(DEMO_DIR)/mar/eval/condition_error_*.png (denoising and condition SNR per timestep)."
 
+# The layer contract (pyproject.toml, [tool.importlinter]) first: a broken contract fails the suite.
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 test-slow: $(STAMP)

@@ -150,10 +150,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def feature_net_defaults() -> ml_collections.ConfigDict:
-  """`eval.feature_net`: the in-project classifier behind FD-clf (evals/features.py).
+  """`eval.feature_net`: the in-project classifier behind FD-clf (evals/features.py; network: models/classifier.py).
 
   Defaults are sized for digits on a 2-core CPU (about a minute);
-  `evals.features.use_cifar_feature_net` switches to natural 32 px images.
+  `presets.use_cifar_feature_net` switches to natural 32 px images.
   """
   f = ml_collections.ConfigDict()
   f.dir = ""                 # "" -> $ARDIFF_JAX_CACHE (or ~/.cache/ardiff_jax)/feature_nets/<key>
@@ -162,7 +162,7 @@ def feature_net_defaults() -> ml_collections.ConfigDict:
   f.stem_stride = 2
   f.groups = 8                # GroupNorm groups (norm="group")
   f.norm = "group"           # "group" | "batch" (running statistics kept with the checkpoint)
-  f.arch = "strided"         # "strided" residual stages | "pooled" (ResNet-9 layout, evals/features.py)
+  f.arch = "strided"         # "strided" residual stages | "pooled" (ResNet-9 layout, models/classifier.py)
   f.residual_stages = (1, 3)  # arch="pooled": stages (indices into widths) followed by residual blocks
   f.steps = 500
   f.batch_size = 64
@@ -173,6 +173,12 @@ def feature_net_defaults() -> ml_collections.ConfigDict:
   f.label_smoothing = 0.0
   f.seed = 0
   return f
+
+
+def overrides(section: ml_collections.ConfigDict) -> dict:
+  """A config section's `overrides` (model fields to change in its preset) as keyword arguments;
+  JSON turns tuples into lists, which flax module fields must not hold."""
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in section.overrides.to_dict().items()}
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:

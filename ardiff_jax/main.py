@@ -1,10 +1,12 @@
 """Entry point: `python -m ardiff_jax.main --config configs/NAME.py[:k=v] --workdir DIR --mode MODE`.
 
-Kept thin on purpose (flax examples): flags, the distributed runtime, dispatch. Everything else is
-a library function that a notebook or a test can call directly.
+Kept thin on purpose (flax examples): flags, the distributed runtime, dispatch to one module of
+`ardiff_jax/modes/`. Everything else is a library function that a notebook or a test can call
+directly.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -13,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-MODES = ("train", "sample", "eval", "bench", "aot", "cache", "convert")
+from ardiff_jax.modes import MODES  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file, with optional :k=v args.",
@@ -24,28 +26,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def run(config, workdir: str, mode: str):
-  """Dispatches one mode; returns what the mode returns (handy in notebooks and tests)."""
-  if mode == "train":
-    from ardiff_jax.train.loop import train_and_evaluate
-    return train_and_evaluate(config, workdir)
-  if mode == "sample":
-    from ardiff_jax.sampling.run import sample_and_save
-    return sample_and_save(config, workdir)
-  if mode == "eval":
-    from ardiff_jax.evals.run import evaluate
-    return evaluate(config, workdir)
-  if mode == "cache":
-    from ardiff_jax.data.cache import cache_latents
-    return cache_latents(config, workdir)
-  if mode == "bench":
-    from ardiff_jax.train.bench import run_bench
-    return run_bench(config, workdir)
-  if mode == "aot":
-    from ardiff_jax.train.aot import run_aot
-    return run_aot(config, workdir)
-  raise NotImplementedError(
-      f"--mode {mode} is not available yet in this version of ardiff_jax; "
-      "available: train, sample, eval, cache, bench, aot")
+  """Runs `ardiff_jax.modes.<mode>.run(config, workdir)`; returns what it returns (handy in
+  notebooks and tests)."""
+  if mode not in MODES:
+    raise ValueError(f"--mode {mode!r} is not a mode; choose one of {', '.join(MODES)}")
+  return importlib.import_module(f"ardiff_jax.modes.{mode}").run(config, workdir)
 
 
 class _QuietLibraries:

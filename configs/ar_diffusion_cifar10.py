@@ -2,12 +2,12 @@
 
 The same 16 tokens of 16 dims in raster order (or `order=random`), gpt_small (4 Llama blocks of
 width 128, DiffLoss head 2×128: about the size of mar_small), MAR's optimisation and the same run
-settings as mar_cifar10 (`latent_tokens.use_cifar10_run`), so the two compare at an equal budget.
+settings as mar_cifar10 (`presets.use_cifar10_run`), so the two compare at an equal budget.
 Args: steps, batch, kl, path, tok (kl_small | kl_tiny), cpu, order (raster | random).
 """
 from ardiff_jax import configlib
 from ardiff_jax.methods.ar_diffusion import ar_base_config
-from ardiff_jax.methods.latent_tokens import use_cifar10_latents, use_cifar10_run
+from ardiff_jax.presets import use_cifar10_latents, use_cifar10_run
 
 
 def get_config(arg=None):

@@ -9,7 +9,7 @@ order (raster | random).
 """
 from ardiff_jax import configlib
 from ardiff_jax.methods.ar_diffusion import ar_base_config
-from ardiff_jax.methods.latent_tokens import (use_digits_condref, use_digits_latents,
+from ardiff_jax.presets import (use_digits_condref, use_digits_latents,
                                            use_cpu_run)
 
 

@@ -8,7 +8,7 @@ AdamW(0.9, 0.95) wd 0.02, clip 3.0, EMA 0.9999, 400 epochs. CFG on ε, constant 
 """
 from ardiff_jax import configlib
 from ardiff_jax.methods.ar_diffusion import ar_base_config
-from ardiff_jax.methods.latent_tokens import use_imagenet_kl16
+from ardiff_jax.presets import use_imagenet_kl16
 
 MODELS = ("b", "l", "xl")
 

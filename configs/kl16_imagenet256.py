@@ -7,7 +7,7 @@ MAR authors report. Not reproduced here: LDM's LPIPS term (its VGG weights are n
 Data: `tfds` imagenet2012 prepared by the user (`--config.data.path=<tfds data_dir>`).
 """
 from ardiff_jax import configlib
-from ardiff_jax.tokenizers.train import tokenizer_base_config
+from ardiff_jax.methods.kl_tokenizer import tokenizer_base_config
 
 
 def get_config(arg=None):

@@ -7,8 +7,8 @@ Args: steps, batch, path, preset (kl_small | kl_tiny: a quarter of kl_small's wi
 depth, for CPU budgets), disc (the PatchGAN from half-way, as LDM; False skips it).
 """
 from ardiff_jax import configlib
-from ardiff_jax.evals.features import use_cifar_feature_net
-from ardiff_jax.tokenizers.train import tokenizer_base_config
+from ardiff_jax.presets import use_cifar_feature_net
+from ardiff_jax.methods.kl_tokenizer import tokenizer_base_config
 
 
 def get_config(arg=None):

@@ -6,7 +6,7 @@ Args (`configs/kl_digits.py:steps=300,ch=32`): steps, batch, size (image side), 
 encoder and decoder), tiny (a seconds-long smoke run on a 16 px, two-level model, used by tests).
 """
 from ardiff_jax import configlib
-from ardiff_jax.tokenizers.train import tokenizer_base_config
+from ardiff_jax.methods.kl_tokenizer import tokenizer_base_config
 
 
 def get_config(arg=None):

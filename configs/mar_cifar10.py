@@ -4,12 +4,12 @@
 optimisation at batch 256 (lr 1e-4·B/256 = 1e-4, the 100 warmup epochs shortened to 5 for a run of
 `steps` steps), EMA 0.9999; 16 AR steps (one per token at most), 100 DDPM steps, linear CFG 3.
 Scored by FD-clf on the CIFAR-10 feature net. `cpu` switches to the short-run settings
-(`latent_tokens.use_cpu_run`) used for the CPU comparison with `configs/ar_diffusion_cifar10.py`.
+(`presets.use_cpu_run`) used for the CPU comparison with `configs/ar_diffusion_cifar10.py`.
 Chain: train kl_cifar10 into `kl` (with the same `tok` preset), `--mode cache` it, then train here.
 Args: steps, batch, kl, path (the image folder for evaluation), tok (kl_small | kl_tiny), cpu.
 """
 from ardiff_jax import configlib
-from ardiff_jax.methods.latent_tokens import use_cifar10_latents, use_cifar10_run
+from ardiff_jax.presets import use_cifar10_latents, use_cifar10_run
 from ardiff_jax.methods.mar import mar_base_config
 
 

@@ -3,14 +3,14 @@
 Chain (what `make demo` runs): train `configs/kl_digits.py` into `workdirs/demo/kl`, cache its
 posteriors (`--mode cache`), then train this config. 32 px digits -> 8×8×4 latents -> 2×2 patches:
 16 tokens of 16 dims. mar_small (width 128, 2+2 blocks, 4 buffer slots, head 2×128).
-Departures from MAR's ImageNet recipe, for a minutes-long CPU run (`latent_tokens.use_cpu_run`):
+Departures from MAR's ImageNet recipe, for a minutes-long CPU run (`presets.use_cpu_run`):
 lr 1e-3 rather than 1e-4·B/256, raw weights rather than the EMA, 16 AR steps and 50 DDPM steps
 when sampling, x̂_0 clipped to ±5.
 Args: steps, batch, kl (the tokenizer run), tiny (a seconds-long smoke run for the tests),
 condref (off | probe | loss | runtime: condition refinement, methods/condref.py).
 """
 from ardiff_jax import configlib
-from ardiff_jax.methods.latent_tokens import (use_digits_condref, use_digits_latents,
+from ardiff_jax.presets import (use_digits_condref, use_digits_latents,
                                            use_cpu_run)
 from ardiff_jax.methods.mar import mar_base_config
 

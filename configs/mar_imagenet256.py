@@ -9,7 +9,7 @@ Chain: train `configs/kl16_imagenet256.py` (or convert MAR's kl16.ckpt into such
 with `--mode cache` into `cache`, then train here with `kl=<tokenizer run>`.
 """
 from ardiff_jax import configlib
-from ardiff_jax.methods.latent_tokens import use_imagenet_kl16
+from ardiff_jax.presets import use_imagenet_kl16
 from ardiff_jax.methods.mar import mar_base_config
 
 CFG = {"base": 2.9, "large": 3.0, "huge": 3.2}

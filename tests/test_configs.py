@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from ardiff_jax.train.loop import build_experiment
+from ardiff_jax.train.experiment import build_experiment
 from tests import config_fixtures
 from tests.helpers import REPO, load_config
 

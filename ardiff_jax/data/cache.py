@@ -1,10 +1,11 @@
-"""`--mode cache`: precompute tokenizer posteriors for every image and its horizontal flip.
+"""Latent cache records: tokenizer posteriors for every image and its horizontal flip.
 
 MAR's `main_cache.py` recipe: center crop, no random flip, no shuffle, no dropped examples; each
 record holds `moments` (the posterior mean and log-variance, [h,w,2C]) of the image and
 `moments_flip` of its mirror image, so training on the cache with a coin flip per example equals
 online flip augmentation. Each process writes its own shard:
 `<dir>/<split>/shard-<p>-of-<P>.array_record`, readable with `data.source=cached, data.path=<dir>`.
+`--mode cache` (modes/cache.py) restores a tokenizer run and calls `cache_split` per split.
 """
 from __future__ import annotations
 
@@ -78,16 +79,3 @@ def latent_scale_from_cache(cache_dir: str, split: str = "train") -> float:
                             "set tokenizer.latent_scale to a positive number (0.2325 for KL-16)")
   with open(path) as f:
     return float(json.load(f)["suggested_scale"])
-
-
-def cache_latents(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
-  from ardiff_jax.sampling.run import restore_params  # pylint: disable=g-import-not-at-top
-  exp, params, step = restore_params(config, workdir, config.cache.use_ema)
-  if exp.method.encode is None:
-    raise ValueError(f"--mode cache needs a tokenizer method; config.method={config.method!r} "
-                     "has no encoder")
-  out_dir = config.cache.dir or os.path.join(workdir, "cache")
-  counts = {split: cache_split(exp.method.encode, params, config, split, out_dir)
-            for split in config.cache.splits}
-  print(f"cached tokenizer step {step} posteriors to {out_dir}: {counts}")
-  return counts

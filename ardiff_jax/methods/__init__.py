@@ -1,12 +1,15 @@
 """The method registry: what the method-agnostic engine needs from each training objective.
 
-A method is one module (`methods/<name>.py`, or `tokenizers/train.py` for tokenizers) with a
-`make_method(config) -> Method` factory. The engine (train/loop.py), the sampling, caching and
-bench modes only ever talk to a `Method`.
+A method is one module `methods/<module>.py` with a `make_method(config) -> Method` factory, and
+one line in `METHODS` below (name -> module). Its networks live in `models/` or `tokenizers/`, its
+samplers in `sampling/`, its configs in `configs/`. The engine (`train/`) and every mode
+(`modes/`) only ever talk to a `Method`; a method never imports the engine, a mode or `evals/`
+(the layer contract in pyproject.toml).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, Callable
 
 import jax
@@ -33,12 +36,14 @@ class Method:
     encode: (params, images [B,H,W,C] in [-1,1]) -> moments/codes: what `--mode cache` stores
       (tokenizers only).
     generate: (params, frozen, batch, rng) -> uint8 images [B,H,W,3]: what `--mode eval` and, for
-      generators, `--mode sample` produce. `frozen` is what `load_frozen()` returned (None if absent).
+      generators, `--mode sample` produce. `frozen` is what `load_frozen` returned (None if absent).
       With generate_from="labels" the batch holds class-balanced `label` int32 [B]; with
       "images" (tokenizers) it holds held-out `image` [B,H,W,3] in [-1,1] and `label`, and the
       method returns their reconstructions.
-    load_frozen: () -> weights the method uses but does not train (a tokenizer's decoder), loaded
-      once by the sample and eval modes.
+    load_frozen: (restore_run_params) -> weights the method uses but does not train (a tokenizer's
+      decoder), loaded once by the sample and eval modes. The engine passes in its
+      `restore_run_params(workdir, use_ema=None)`, so a method names the run it needs without
+      importing the engine.
     init_frozen: rng -> freshly initialised weights of the same structure (for `--mode bench`,
       which measures speed without needing a trained tokenizer).
     sampling_params: (params, extras) -> what `generate` receives as `params`: the weights plus any
@@ -66,31 +71,13 @@ class Method:
   loss_reads_ema: bool = False
 
 
-def _kl_tokenizer(config):
-  from ardiff_jax.tokenizers import train  # pylint: disable=g-import-not-at-top
-  return train.make_method(config)
-
-
-def _feature_classifier(config):
-  from ardiff_jax.evals import features  # pylint: disable=g-import-not-at-top
-  return features.make_method(config)
-
-
-def _mar(config):
-  from ardiff_jax.methods import mar  # pylint: disable=g-import-not-at-top
-  return mar.make_method(config)
-
-
-def _ar_diffusion(config):
-  from ardiff_jax.methods import ar_diffusion  # pylint: disable=g-import-not-at-top
-  return ar_diffusion.make_method(config)
-
-
-METHODS: dict[str, Callable[[ml_collections.ConfigDict], Method]] = {
-    "kl_tokenizer": _kl_tokenizer,
-    "mar": _mar,
-    "ar_diffusion": _ar_diffusion,
-    "feature_classifier": _feature_classifier,
+# Method name (config.method) -> its module in this package. Modules are imported on first use,
+# so a config pays only for the method it names.
+METHODS: dict[str, str] = {
+    "kl_tokenizer": "kl_tokenizer",
+    "feature_classifier": "feature_classifier",
+    "mar": "mar",
+    "ar_diffusion": "ar_diffusion",
 }
 
 
@@ -98,4 +85,5 @@ def get_method(config: ml_collections.ConfigDict) -> Method:
   if config.method not in METHODS:
     raise ValueError(f"config.method={config.method!r} is not a known method; "
                      f"choose one of {sorted(METHODS)}")
-  return METHODS[config.method](config)
+  module = importlib.import_module(f"{__name__}.{METHODS[config.method]}")
+  return module.make_method(config)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ardiff_jax import configlib
 from ardiff_jax.diffusion.gaussian import create_diffusion
 from ardiff_jax.methods import Method
 from ardiff_jax.methods import condref
@@ -47,7 +48,7 @@ def build_model(config: ml_collections.ConfigDict) -> gpt_lib.GPT:
   return gpt_lib.make_gpt(config.ar.preset, token_dim=token_dim, seq_len=seq_len,
                           num_classes=config.data.num_classes, random_order=config.ar.order == "random",
                           remat=config.ar.remat, scan_layers=config.ar.scan_layers,
-                          dtype=jnp.dtype(config.train.compute_dtype), **lt.overrides(config.ar))
+                          dtype=jnp.dtype(config.train.compute_dtype), **configlib.overrides(config.ar))
 
 
 def make_method(config: ml_collections.ConfigDict) -> Method:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ardiff_jax import configlib
 from ardiff_jax.diffusion.gaussian import create_diffusion
 from ardiff_jax.methods import Method
 from ardiff_jax.methods import condref
@@ -45,7 +46,7 @@ def build_model(config: ml_collections.ConfigDict) -> mar_lib.MAR:
   return mar_lib.make_mar(config.mar.preset, token_dim=token_dim, seq_len=seq_len,
                           num_classes=config.data.num_classes,
                           remat=config.mar.remat, scan_layers=config.mar.scan_layers,
-                          dtype=jnp.dtype(config.train.compute_dtype), **lt.overrides(config.mar))
+                          dtype=jnp.dtype(config.train.compute_dtype), **configlib.overrides(config.mar))
 
 
 decay_mask = lt.no_decay_in_head

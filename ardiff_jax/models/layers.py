@@ -78,6 +78,12 @@ def stacked_rank_offset(path: Sequence[Any]) -> int:
   return int(any(getattr(k, "key", None) == SCAN_LAYER for k in path))
 
 
+def matrix_like(path: Sequence[Any], p: jax.Array) -> bool:
+  """True for kernels and embeddings (≥ 2 dims per layer; a scanned stack's leading layer axis
+  does not count), False for biases and norm scales: what AdamW decays by default."""
+  return p.ndim - stacked_rank_offset(path) >= 2
+
+
 def unstack_layers(params: dict, name: str) -> dict:
   """Converts a scanned stack `name/SCAN_LAYER/...` [depth, ...] into loop form `name_<i>/...`."""
   params = dict(params)

@@ -7,6 +7,9 @@ checkpoint whose parameter shapes differ from the current model fails with a lis
 mismatched paths instead of an opaque orbax error. An unreadable newest checkpoint (truncated by
 a crash or a full disk) is moved aside to `checkpoints_unreadable/` with a warning, and the
 previous one is restored (`restore_newest_readable`).
+
+Restoring a trained run for use (`restore_run`, `restore_run_params`, `load_frozen`) is here too,
+once: every mode, the evaluator's feature nets and a method's frozen weights go through it.
 """
 from __future__ import annotations
 
@@ -16,11 +19,13 @@ from typing import Any
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from ardiff_jax import configlib
+from ardiff_jax.methods import Method
+from ardiff_jax.train.experiment import Experiment, build_experiment
 from ardiff_jax.train.metrics import is_remote
 
 
@@ -165,3 +170,40 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
   os.rename(os.path.join(directory, str(step)), aside)
   manager.reload()
   return aside
+
+
+def restore_run(config, workdir: str, use_ema: bool | None = None
+                ) -> tuple[Experiment, Any, Any, int]:
+  """(experiment, params, extras, step) of the newest checkpoint of the run in `workdir`.
+
+  params are the EMA weights when `use_ema` (default: `config.sample.use_ema`), else the raw ones;
+  extras are the method-owned state (e.g. BatchNorm statistics, a reference queue).
+  """
+  exp = build_experiment(config)
+  manager = make_manager(workdir, config.train.keep_checkpoints, async_save=False)
+  state, step = restore(manager, exp.abstract_state)
+  use_ema = config.sample.use_ema if use_ema is None else use_ema
+  return exp, state.ema_params if use_ema else state.params, state.extras, step
+
+
+def restore_sampling_params(config, workdir: str, use_ema: bool | None = None
+                            ) -> tuple[Experiment, Any, int]:
+  """(experiment, what `Method.generate` receives as params, step) of the newest checkpoint: the
+  chosen weights passed through `Method.sampling_params` (which may add method-owned state)."""
+  exp, params, extras, step = restore_run(config, workdir, use_ema)
+  return exp, exp.method.sampling_params(params, extras), step
+
+
+def restore_run_params(workdir: str, use_ema: bool | None = None):
+  """Host copy of the parameters of the run in `workdir`, rebuilt from the run's own
+  `config.json` (e.g. the tokenizer a generator decodes with); `use_ema` defaults to that run's
+  `sample.use_ema`."""
+  config = configlib.load_run_config(workdir)
+  _, params, _ = restore_sampling_params(config, workdir, use_ema)
+  return jax.device_get(params)
+
+
+def load_frozen(method: Method):
+  """The weights `method` uses but does not train (`Method.load_frozen`, given this module's
+  `restore_run_params` to read them from their run), or None for a method without any."""
+  return method.load_frozen(restore_run_params) if method.load_frozen else None

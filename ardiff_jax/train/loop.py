@@ -1,79 +1,36 @@
 """`train_and_evaluate(config, workdir)`: the method-agnostic training loop.
 
-Everything a mode needs (mesh, method, optimizer, abstract state and shardings) is built by
-`build_experiment`, which the sample, cache and bench modes reuse.
+The loop knows nothing of modes or metrics beyond the train step's own: periodic evaluation
+arrives as a callback (`evaluate`, which `modes/train.py` builds from the evaluator), so the engine
+never imports a mode or `evals/`.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from etils import epath
-from jax.sharding import Mesh
 
 from ardiff_jax import configlib
 from ardiff_jax.data import pipeline
-from ardiff_jax.methods import Method, get_method
-from ardiff_jax.parallel import mesh as mesh_lib
 from ardiff_jax.parallel import sharding as shd
-from ardiff_jax.train import checkpoint, metrics as metrics_lib, optim
-from ardiff_jax.train.state import TrainState, init_state, jit_train_step, state_shardings
+from ardiff_jax.train import checkpoint, metrics as metrics_lib
+from ardiff_jax.train.experiment import Experiment, build_experiment
+from ardiff_jax.train.state import TrainState, init_state, jit_train_step
+
+# (sampling params, step) -> scalar metrics: what `eval.every_steps` runs on the in-memory weights.
+EvaluateFn = Callable[[Any, int], dict]
 
 
 class NonFiniteError(RuntimeError):
   """Raised under nan_policy='halt' when a step produced a non-finite loss or gradient."""
-
-
-@dataclasses.dataclass
-class Experiment:
-  config: ml_collections.ConfigDict
-  mesh: Mesh
-  method: Method
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
-  abstract_state: TrainState
-  shardings: TrainState
-
-  @property
-  def rules(self):
-    return tuple(tuple(r) for r in self.config.mesh.rules)
-
-
-def validate_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-  """Checks that fail early with a message naming the field and a fix."""
-  if config.nan_policy not in ("skip", "halt"):
-    raise ValueError(f"nan_policy={config.nan_policy!r}: expected 'skip' or 'halt'")
-  b, pc = config.train.batch_size, jax.process_count()
-  data_par = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-  if b % pc or b % data_par:
-    raise ValueError(
-        f"train.batch_size={b} must be divisible by the process count ({pc}) and by the "
-        f"data-parallel mesh size data×fsdp={data_par}; choose a multiple of {np.lcm(pc, data_par)}")
-  accum = config.train.grad_accum_steps
-  if accum < 1 or b % accum or (b // accum) % data_par:
-    raise ValueError(
-        f"train.grad_accum_steps={accum}: batch_size/grad_accum_steps must be a whole multiple "
-        f"of data×fsdp={data_par}")
-
-
-def build_experiment(config: ml_collections.ConfigDict, devices=None) -> Experiment:
-  mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.axes, devices)
-  validate_config(config, mesh)
-  method = get_method(config)
-  decay_mask = method.decay_mask or optim.default_decay_mask
-  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps, decay_mask)
-  rules = tuple(tuple(r) for r in config.mesh.rules)
-  abstract, shardings = state_shardings(method, tx, mesh, rules)
-  return Experiment(config, mesh, method, tx, schedule, abstract, shardings)
 
 
 def train_data_iter(config: ml_collections.ConfigDict, reseed: int = 0):
@@ -135,8 +92,14 @@ def _agree_to_stop(requested: bool, at_sync_point: bool) -> bool:
   return bool(np.asarray(flags).any())
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains `config.method` for `train.num_steps`, resuming from the newest checkpoint."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       evaluate: EvaluateFn | None = None) -> TrainState:
+  """Trains `config.method` for `train.num_steps`, resuming from the newest checkpoint.
+
+  Every `eval.every_steps` steps (when > 0 and `evaluate` is given), `evaluate(params, step)` runs
+  on the weights sampling would use (the EMA or raw weights per `sample.use_ema`, passed through
+  `Method.sampling_params`) and its scalars go to metrics.jsonl under `eval/`.
+  """
   exp = build_experiment(config)
   write_config(config, workdir)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
@@ -186,8 +149,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       stop = _agree_to_stop(preempt.requested, at_sync_point=done % log_every == 0)
       if done % config.train.ckpt_every == 0 or done == num_steps or stop:
         checkpoint.save(manager, done, state, data_iter, cfg_dict, force=stop)
-      if config.eval.every_steps and done % config.eval.every_steps == 0:
-        writer.write(done, _periodic_eval(config, workdir, state, done))
+      if evaluate is not None and config.eval.every_steps and done % config.eval.every_steps == 0:
+        writer.write(done, _periodic_eval(exp, evaluate, state, done))
       if stop:
         logging.warning("stopped at step %d after SIGTERM; rerun the same command to resume", done)
         break
@@ -199,13 +162,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   return state
 
 
-def _periodic_eval(config, workdir: str, state: TrainState, step: int) -> dict:
-  """`--mode eval` on the in-memory weights; its scalars go to metrics.jsonl under `eval/`."""
-  from ardiff_jax.evals.run import evaluate  # pylint: disable=g-import-not-at-top
-  from ardiff_jax.methods import get_method  # pylint: disable=g-import-not-at-top
-  params = state.ema_params if config.sample.use_ema else state.params
-  params = get_method(config).sampling_params(params, state.extras)
-  result = evaluate(config, workdir, params=params, step=step)
+def _periodic_eval(exp: Experiment, evaluate: EvaluateFn, state: TrainState, step: int) -> dict:
+  params = state.ema_params if exp.config.sample.use_ema else state.params
+  result = evaluate(exp.method.sampling_params(params, state.extras), step)
   return {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float)) and k != "step"}
 
 

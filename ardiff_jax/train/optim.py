@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from ardiff_jax.models.layers import matrix_like
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -31,16 +34,8 @@ def make_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Sched
   return optax.join_schedules([ramp, after], [warmup])
 
 
-def matrix_like(path, p) -> bool:
-  """True for kernels and embeddings (≥ 2 dims per layer; a scanned stack's leading layer axis
-  does not count), False for biases and norm scales."""
-  from ardiff_jax.models.layers import stacked_rank_offset  # pylint: disable=g-import-not-at-top
-  return p.ndim - stacked_rank_offset(path) >= 2
-
-
 def default_decay_mask(params: Any) -> Any:
   """Decay every parameter with 2 or more dimensions (kernels, embeddings); not biases or norms."""
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.tree_util.tree_map_with_path(matrix_like, params)
 
 

@@ -8,6 +8,7 @@ import scipy.ndimage
 
 from ardiff_jax import main as main_lib
 from ardiff_jax.evals import features
+from ardiff_jax.methods import feature_classifier
 from ardiff_jax.evals import metrics as M
 from tests.evals import inception_spec, torch_files
 from tests.helpers import load_config
@@ -82,7 +83,7 @@ def test_pooled_classifier_layout():
   import jax  # pylint: disable=g-import-not-at-top
   f = load_config("kl_cifar10").eval.feature_net
   f.widths = (4, 8, 8, 12)
-  net = features.build_classifier(f, num_classes=10)
+  net = feature_classifier.build_classifier(f, num_classes=10)
   x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   variables = net.init(jax.random.PRNGKey(0), x)
   feats, logits = net.apply(variables, x)
@@ -92,7 +93,7 @@ def test_pooled_classifier_layout():
   assert variables["params"]["stage3_block0"]["conv1"]["kernel"].shape == (3, 3, 12, 12)
   f.arch = "dense"
   with pytest.raises(ValueError, match="arch='dense'"):
-    features.build_classifier(f, num_classes=10)
+    feature_classifier.build_classifier(f, num_classes=10)
 
 
 def test_class_accuracy_of_real_test_images_is_the_classifier_accuracy(trained):
@@ -121,7 +122,7 @@ def test_cached_source_needs_an_image_dataset(trained):
   data = config.data.copy_and_resolve_references()
   data.source = "cached"
   with pytest.raises(ValueError, match="config.eval.data"):
-    features.classifier_train_config(data, config.eval.feature_net)
+    feature_classifier.classifier_train_config(data, config.eval.feature_net)
 
 
 def test_eval_mode_on_real_training_images(trained, config, tmp_path):

@@ -11,7 +11,7 @@ from ardiff_jax.methods import condref as cr
 from ardiff_jax.models.mar import cosine_schedule
 from ardiff_jax.parallel import sharding as shd
 from ardiff_jax.train import checkpoint
-from ardiff_jax.train.loop import build_experiment
+from ardiff_jax.train.experiment import build_experiment
 from ardiff_jax.train.state import init_state, jit_train_step
 from tests.helpers import load_config, perturb_head_outputs
 

@@ -10,7 +10,7 @@ import pytest
 from ardiff_jax import main as main_lib
 from ardiff_jax.methods import mar as mar_method
 from ardiff_jax.parallel import sharding as shd
-from ardiff_jax.train.loop import build_experiment
+from ardiff_jax.train.experiment import build_experiment
 from ardiff_jax.train.state import init_state, jit_train_step
 from tests.helpers import load_config
 

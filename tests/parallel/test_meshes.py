@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ardiff_jax.parallel import sharding as shd
-from ardiff_jax.train.loop import build_experiment
+from ardiff_jax.train.experiment import build_experiment
 from ardiff_jax.train.state import init_state, jit_train_step
 from tests.helpers import load_config
 

@@ -13,7 +13,7 @@ from ardiff_jax import main
 from ardiff_jax.data import pipeline
 from ardiff_jax.parallel import sharding as shd
 from ardiff_jax.train import checkpoint
-from ardiff_jax.train.loop import build_experiment
+from ardiff_jax.train.experiment import build_experiment
 from ardiff_jax.train.metrics import read_metrics
 from ardiff_jax.train.state import init_state, jit_train_step
 from tests.helpers import REPO, load_config

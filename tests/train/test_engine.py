@@ -5,7 +5,8 @@ import pytest
 
 from ardiff_jax.parallel import sharding as shd
 from ardiff_jax.train import checkpoint
-from ardiff_jax.train.loop import build_experiment, train_data_iter
+from ardiff_jax.train.experiment import build_experiment
+from ardiff_jax.train.loop import train_data_iter
 from ardiff_jax.train.state import init_state, jit_train_step
 from tests.helpers import load_config
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ardiff_jax import main
-from ardiff_jax.train import checkpoint, loop
+from ardiff_jax.train import checkpoint, experiment, loop
 from tests.helpers import load_config
 
 
@@ -19,7 +19,7 @@ def _tiny(steps, **train):
 
 
 def _state(workdir, config, step=None):
-  exp = loop.build_experiment(config)
+  exp = experiment.build_experiment(config)
   state, at = checkpoint.restore(checkpoint.make_manager(workdir), exp.abstract_state, step=step)
   return jax.device_get(state), at
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ardiff_jax import main
-from ardiff_jax.train import checkpoint, loop
+from ardiff_jax.train import checkpoint, experiment
 from ardiff_jax.train.metrics import read_metrics
 from tests.helpers import REPO, load_config
 
@@ -53,7 +53,7 @@ def _wait_for_step(proc, workdir, step, timeout=300):
 
 
 def _final_state(workdir):
-  exp = loop.build_experiment(_config())
+  exp = experiment.build_experiment(_config())
   state, step = checkpoint.restore(checkpoint.make_manager(workdir), exp.abstract_state)
   assert step == STEPS
   return jax.device_get(state)

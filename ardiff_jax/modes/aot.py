@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
+from ardiff_jax.methods import latent_tokens
+from ardiff_jax.modes import bench
 from ardiff_jax.parallel import sharding as shd
-from ardiff_jax.train import bench
-from ardiff_jax.train.loop import build_experiment
+from ardiff_jax.train.experiment import build_experiment
 from ardiff_jax.train.state import jit_train_step
 
 
@@ -51,8 +52,7 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_keys, mesh) -> dict:
   b, size = config.train.batch_size, config.data.image_size
   shapes = {"image": ((b, size, size, 3), jnp.float32), "label": ((b,), jnp.int32)}
   if "moments" in batch_keys:
-    from ardiff_jax.methods import latent_tokens as lt  # pylint: disable=g-import-not-at-top
-    ae = lt.build_autoencoder(config)
+    ae = latent_tokens.build_autoencoder(config)
     side = size // 2 ** (len(ae.enc_ch_mult) - 1)
     shapes["moments"] = ((b, side, side, 2 * ae.embed_dim), jnp.float32)
   data = shd.batch_sharding(mesh)
@@ -86,7 +86,8 @@ def _write(result: dict, workdir: str, topology: str) -> str:
   return path
 
 
-def run_aot(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Compiles the train step for `aot.topology`; writes and returns `aot/<topology>.json`'s dict."""
   devices = topology_devices(config.aot.topology)
   exp = build_experiment(config, devices=devices)
   step = jit_train_step(exp.method, exp.tx, exp.schedule, config, exp.mesh, exp.shardings)

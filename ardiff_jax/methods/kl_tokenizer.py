@@ -1,4 +1,4 @@
-"""Training objective of the KL tokenizer (LDM AutoencoderKL), as a `Method` for the engine.
+"""Training objective of the KL tokenizer (LDM AutoencoderKL, network in tokenizers/kl.py), as a `Method`.
 
 Loss (LDM `LPIPSWithDiscriminator`, without the LPIPS term, whose VGG weights are not bundled):
   L = mean_B[ rec/exp(s) + s·HWC ] + w_kl · mean_B[ KL(q(z|x) ‖ N(0, I)) ]
@@ -13,8 +13,6 @@ layer; we use the fixed `tokenizer.disc_weight` instead and say so here.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,9 +24,10 @@ from ardiff_jax.tokenizers import kl as kl_lib
 from ardiff_jax.tokenizers import losses
 
 
-def build_autoencoder(tcfg: ml_collections.ConfigDict, compute_dtype: str) -> kl_lib.AutoencoderKL:
-  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in tcfg.overrides.to_dict().items()}
-  return kl_lib.make_autoencoder(tcfg.preset, dtype=jnp.dtype(compute_dtype), **overrides)
+def build_autoencoder(tcfg: ml_collections.ConfigDict,
+                      compute_dtype: str = "float32") -> kl_lib.AutoencoderKL:
+  """The AutoencoderKL of a `tokenizer` config section (its preset and overrides)."""
+  return kl_lib.make_autoencoder(tcfg.preset, dtype=jnp.dtype(compute_dtype), **configlib.overrides(tcfg))
 
 
 def psnr(x: jax.Array, y: jax.Array) -> jax.Array:

@@ -14,35 +14,16 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from ardiff_jax import configlib
 from ardiff_jax.data import pipeline
 from ardiff_jax.evals import grids
+from ardiff_jax.evals.evaluator import balanced_labels, generate_images
 from ardiff_jax.parallel import sharding as shd
 from ardiff_jax.train import checkpoint
-from ardiff_jax.train.loop import build_experiment
 
 
-def restore_params(config: ml_collections.ConfigDict, workdir: str, use_ema: bool):
-  """(experiment, params, step) of the newest checkpoint; the EMA weights when `use_ema`, with the
-  method-owned state sampling reads (`Method.sampling_params`)."""
-  exp = build_experiment(config)
-  manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, async_save=False)
-  state, step = checkpoint.restore(manager, exp.abstract_state)
-  params = state.ema_params if use_ema else state.params
-  return exp, exp.method.sampling_params(params, state.extras), step
-
-
-def restore_run_params(workdir: str, use_ema: bool | None = None):
-  """Parameters of another run (e.g. the tokenizer a generator decodes with), rebuilt from the
-  run's own `config.json`; `use_ema` defaults to that run's `sample.use_ema`."""
-  config = configlib.load_run_config(workdir)
-  use_ema = config.sample.use_ema if use_ema is None else use_ema
-  _, params, _ = restore_params(config, workdir, use_ema)
-  return jax.device_get(params)
-
-
-def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  exp, params, step = restore_params(config, workdir, config.sample.use_ema)
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Samples the newest checkpoint; returns the summary also written to `samples/summary_<step>.json`."""
+  exp, params, step = checkpoint.restore_sampling_params(config, workdir, config.sample.use_ema)
   if exp.method.generate_from == "labels":
     return _save_generations(config, workdir, exp, params, step)
   visualize = jax.jit(exp.method.visualize)
@@ -71,10 +52,9 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _save_generations(config, workdir, exp, params, step) -> dict:
   """Class-conditional samples, one grid row per class (`sample.num_samples` in all)."""
-  from ardiff_jax.evals.run import balanced_labels, generate_images  # pylint: disable=g-import-not-at-top
   num_classes = config.data.num_classes
   labels = balanced_labels(config.sample.num_samples, num_classes)
-  frozen = exp.method.load_frozen() if exp.method.load_frozen else None
+  frozen = checkpoint.load_frozen(exp.method)
   images = generate_images(exp, params, {"label": labels}, config.sample.batch_size, config.seed,
                            frozen)
   columns = max(1, -(-config.sample.num_samples // num_classes))

@@ -17,7 +17,8 @@ import numpy as np
 from absl import logging
 
 from ardiff_jax.parallel import sharding as shd
-from ardiff_jax.train.loop import build_experiment, train_data_iter
+from ardiff_jax.train.experiment import build_experiment
+from ardiff_jax.train.loop import train_data_iter
 from ardiff_jax.train.state import init_state, jit_train_step
 
 # Peak dense bf16 FLOP/s per device, from the vendors' data sheets.
@@ -86,7 +87,8 @@ def _condref_share(config: ml_collections.ConfigDict, local: dict, step_time: fl
           "condref_step_share": 1.0 - off_time / step_time}
 
 
-def run_bench(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Measures the train step and the sampler; writes and returns `bench.json`'s dict."""
   local = next(train_data_iter(config))
   exp, state, compile_time, step_time, flops = _measure_train_step(config, local)
   result = {
