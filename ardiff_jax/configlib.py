@@ -107,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_classes = 10
   c.data.digits_test_fraction = 0.2
   c.data.num_workers = 0
+  c.data.max_skipped_fraction = 0.1   # stop when more than this fraction of images read is unreadable
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)           # sizes of ("data", "fsdp", "tensor"); -1 fills the rest

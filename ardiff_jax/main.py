@@ -24,6 +24,11 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, sample
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Set to 1 (or pass --verbosity=1) to see the full traceback of a user error.
+TRACEBACK_ENV = "ARDIFF_JAX_TRACEBACK"
+# What a user's input can cause (a bad path, value, config or run): reported as one line.
+USER_ERRORS = (ValueError, OSError, LookupError)
+
 
 def run(config, workdir: str, mode: str):
   """Runs `ardiff_jax.modes.<mode>.run(config, workdir)`; returns what it returns (handy in
@@ -40,9 +45,40 @@ class _QuietLibraries:
     return record.levelno > 20 or "orbax" not in record.pathname
 
 
+def _user_error_types() -> tuple[type[BaseException], ...]:
+  from ardiff_jax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from ardiff_jax.train.loop import NonFiniteError  # pylint: disable=g-import-not-at-top
+  return USER_ERRORS + (CheckpointError, NonFiniteError)
+
+
+def _config_file_error() -> FileNotFoundError | None:
+  """A one-line error for a --config file that does not exist (ml_collections' own is 40 lines)."""
+  path = config_flags.get_config_filename(FLAGS["config"])
+  head, sep, _ = path.partition(".py:")   # configs/NAME.py:k=v -> configs/NAME.py
+  path = head + ".py" if sep else path
+  if os.path.exists(path):
+    return None
+  return FileNotFoundError(f"config file {path!r} does not exist; configs live in configs/NAME.py "
+                           "(run from the repository root, or give an absolute path)")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    _main()
+  except _user_error_types() as e:  # pylint: disable=catching-non-exception
+    if FLAGS.verbosity >= 1 or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+      raise
+    print(f"{type(e).__name__}: {e}  (traceback: --verbosity=1 or {TRACEBACK_ENV}=1)",
+          file=sys.stderr)
+    sys.exit(1)
+
+
+def _main():
+  error = _config_file_error()
+  if error is not None:
+    raise error
   import jax  # after flags, so XLA_FLAGS set by the caller apply
   from ardiff_jax.parallel.mesh import maybe_initialize_distributed
   jax.config.update("jax_threefry_partitionable", True)

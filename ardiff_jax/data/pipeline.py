@@ -73,6 +73,28 @@ def num_skipped_images() -> int:
   return _SKIPPED.count
 
 
+class DataError(ValueError):
+  """The data cannot be trained on as configured; the message says what to change."""
+
+
+# A skipped fraction is judged only after this many images were read, so that one unreadable
+# file among the first few does not stop a run.
+MIN_IMAGES_FOR_SKIP_CHECK = 500
+
+
+def check_skipped_fraction(num_skipped: int, num_read: int, max_fraction: float,
+                           min_read: int = MIN_IMAGES_FOR_SKIP_CHECK) -> None:
+  """Raises DataError when more than `max_fraction` of the `num_read` images read so far (once at
+  least `min_read` were read) were unreadable: a folder of mostly corrupt images must not train,
+  or be evaluated, on its few good ones (`data.max_skipped_fraction`)."""
+  if num_read < min_read or num_skipped <= max_fraction * num_read:
+    return
+  raise DataError(
+      f"{num_skipped} of the {num_read} images read so far ({num_skipped / num_read:.1%}) could not "
+      f"be decoded, more than data.max_skipped_fraction={max_fraction}: repair or remove the "
+      "unreadable files (the first one is named in the log), or raise data.max_skipped_fraction")
+
+
 def reset_skipped_images() -> None:
   """Zeroes the skip count and re-arms the one-time warning (tests, new runs)."""
   _SKIPPED.reset()
@@ -143,6 +165,46 @@ def class_names(data_cfg) -> list[str]:
   if source == "tfds":
     return sources.tfds_class_names(data_cfg.tfds_name, data_cfg.path)
   return [str(i) for i in range(data_cfg.num_classes)]  # cached: ids only
+
+
+def num_source_classes(data_cfg, source) -> int | None:
+  """The number of classes `source` holds (its metadata; for a cache, the largest label seen plus
+  one, from the labels of up to LABEL_PROBE records), or None where it is not known."""
+  if data_cfg.source == "digits":
+    return sources.DIGITS_NUM_CLASSES
+  if data_cfg.source == "folder":
+    return len(source.class_names)
+  if data_cfg.source == "tfds":
+    return len(sources.tfds_class_names(data_cfg.tfds_name, data_cfg.path))
+  if len(source) == 0:
+    return None
+  indices = np.unique(np.linspace(0, len(source) - 1, min(LABEL_PROBE, len(source))).astype(int))
+  return 1 + max(int(source[int(i)]["label"]) for i in indices)
+
+
+LABEL_PROBE = 256
+
+
+def check_num_classes(data_cfg, source, split: str) -> None:
+  """Refuses a source with more classes than `data.num_classes`: its labels at or above it would
+  index past a class embedding (NaN) or be read as the CFG null class. Fewer classes than
+  configured only leave class embeddings unused: a warning (not for a cache, whose labels are
+  only sampled)."""
+  found = num_source_classes(data_cfg, source)
+  want = int(data_cfg.num_classes)
+  if found is None or found == want:
+    return
+  where = {"folder": f"data.path={data_cfg.path!r}", "tfds": f"data.tfds_name={data_cfg.tfds_name!r}",
+           "cached": f"the cache at data.path={data_cfg.path!r}", "digits": "digits"}[data_cfg.source]
+  what = (f"has labels up to {found - 1}" if data_cfg.source == "cached" else f"has {found} classes")
+  if data_cfg.source == "folder":
+    what += f" ({', '.join(source.class_names[:12])}{', ...' if found > 12 else ''})"
+  if found < want:
+    if data_cfg.source != "cached":
+      _LOG.warning("split %r of %s %s, fewer than data.num_classes=%d", split, where, what, want)
+    return
+  raise DataError(f"split {split!r} of {where} {what}, but data.num_classes={want}: set "
+                  f"--config.data.num_classes={found} (or point data at the dataset you meant)")
 
 
 def make_source(data_cfg, split: str, seed: int):
@@ -246,6 +308,7 @@ def make_dataset(data_cfg, *, split: str, seed: int, batch_size: int, train: boo
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
   source = make_source(data_cfg, split, seed)
+  check_num_classes(data_cfg, source, split)
   check_images_readable(data_cfg, source, split)
   ds = _global_map_dataset(data_cfg, source, seed=seed, train=train)
   ds = ds[process_index::process_count]

@@ -164,15 +164,26 @@ class FolderSource:
 
 # --------------------------------------------------------------------- tfds
 class TfdsSource:
-  """`tfds.data_source(name, split, data_dir)` reduced to {"image", "label", "key"}.
+  """`tfds.data_source(name, split, data_dir, download=False)` reduced to {"image", "label", "key"}.
 
   Other fields (file names, ids: strings that cannot be batched) are dropped here.
   `key` ("name/split#index") names the record in warnings about unreadable images.
+  Nothing is downloaded: the dataset must have been prepared by the user, in the array_record
+  format that random access needs (`tfds_builder` says how when it is not).
   """
 
   def __init__(self, name: str, split: str, data_dir: str | None = None):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    self._source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+    builder = tfds_builder(name, data_dir)
+    try:
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    except NotImplementedError as e:   # prepared, but as TFRecord files
+      raise ValueError(f"tfds dataset {name!r} in {builder.data_dir} is not in a random-access "
+                       f"format; prepare it again with `{_tfds_build_command(name, data_dir)}`"
+                       ) from e
+    except ValueError as e:   # an unknown split
+      raise ValueError(f"tfds dataset {name!r} has no split {split!r} "
+                       f"(splits: {sorted(builder.info.splits)}): {e}") from e
     self._prefix = f"{name}/{split}"
 
   def __len__(self) -> int:
@@ -183,10 +194,35 @@ class TfdsSource:
     return {"image": record["image"], "label": int(record["label"]), "key": f"{self._prefix}#{index}"}
 
 
-def tfds_class_names(name: str, data_dir: str | None = None) -> list[str]:
-  """Label names from the builder's metadata (no data is read)."""
+def _tfds_build_command(name: str, data_dir: str | None) -> str:
+  where = f" --data_dir={data_dir}" if data_dir else ""
+  return f"tfds build {name}{where} --file_format=array_record"
+
+
+def tfds_builder(name: str, data_dir: str | None = None):
+  """The prepared tfds builder of `name` in `data_dir` (data.path; "" = tfds' default directory).
+
+  Raises a one-line ValueError naming the dataset, the directory and the command that prepares
+  it, for an unknown name or an unprepared dataset: ardiff_jax never downloads data.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return list(tfds.builder(name, data_dir=data_dir or None).info.features["label"].names)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"data.tfds_name={name!r} is not a tfds dataset "
+                     f"({str(e).splitlines()[0]})") from None
+  if not builder.is_prepared():
+    raise ValueError(
+        f"tfds dataset {name!r} is not prepared in data_dir={os.fspath(builder.data_dir_root)!r} "
+        f"(ardiff_jax downloads nothing): prepare it once with "
+        f"`{_tfds_build_command(name, data_dir)}` (for ImageNet, put the archives in "
+        f"<data_dir>/downloads/manual first), or set data.path to the data_dir that holds it")
+  return builder
+
+
+def tfds_class_names(name: str, data_dir: str | None = None) -> list[str]:
+  """Label names from the prepared builder's metadata (no data is read)."""
+  return list(tfds_builder(name, data_dir).info.features["label"].names)
 
 
 def decode_image_record(record: Mapping[str, Any], image_size: int) -> np.ndarray:

@@ -101,9 +101,10 @@ def load_images(data_cfg: ml_collections.ConfigDict, split: str, *, limit: int =
 
   limit = 0: the whole split in dataset order. Otherwise a seeded random subset of `limit`
   images (dataset order groups classes, so a prefix would be one class). Unreadable files are
-  skipped with one warning, as in training.
+  skipped with one warning, as in training, up to `data.max_skipped_fraction` of them.
   """
   source = pipeline.make_source(data_cfg, split, seed)
+  pipeline.check_num_classes(data_cfg, source, split)
   total = len(source)
   indices = np.arange(total)
   if limit and limit < total:
@@ -122,6 +123,8 @@ def load_images(data_cfg: ml_collections.ConfigDict, split: str, *, limit: int =
   kept = [d for d in decoded if d is not None]
   if len(kept) < len(decoded):
     logging.warning("skipped %d unreadable images in split %r", len(decoded) - len(kept), split)
+    pipeline.check_skipped_fraction(len(decoded) - len(kept), len(decoded),
+                                    data_cfg.get("max_skipped_fraction", 0.1), min_read=1)
   if not kept:
     raise ValueError(f"split {split!r} of data.source={data_cfg.source!r} holds no readable images")
   return np.stack([k[0] for k in kept]), np.asarray([k[1] for k in kept], np.int64)

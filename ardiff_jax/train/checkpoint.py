@@ -43,12 +43,23 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
 
 
-def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-  # A URL workdir (gs://...) is used as is; a local one is made absolute, as orbax wants.
-  directory = (workdir.rstrip("/") + "/checkpoints" if is_remote(workdir)
-               else os.path.join(os.path.abspath(workdir), "checkpoints"))
+def checkpoint_dir(workdir: str) -> str:
+  """`<workdir>/checkpoints`: a URL workdir (gs://...) as is, a local one made absolute (orbax)."""
+  return (workdir.rstrip("/") + "/checkpoints" if is_remote(workdir)
+          else os.path.join(os.path.abspath(workdir), "checkpoints"))
+
+
+def make_manager(workdir: str, keep: int = 3, async_save: bool = True,
+                 create: bool = True) -> ocp.CheckpointManager:
+  """The run's checkpoint manager; `create=False` (restoring) requires the directory to exist and
+  creates nothing, so a mistyped --workdir is an error that leaves no trace."""
+  directory = checkpoint_dir(workdir)
+  if not create and not epath.Path(directory).exists():
+    raise CheckpointError(
+        f"no checkpoint found in {directory}. Train first (--mode train with this --workdir) or "
+        "point --workdir at a directory holding a trained run.")
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+      max_to_keep=keep, create=create, enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(
       directory, options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -180,7 +191,7 @@ def restore_run(config, workdir: str, use_ema: bool | None = None
   extras are the method-owned state (e.g. BatchNorm statistics, a reference queue).
   """
   exp = build_experiment(config)
-  manager = make_manager(workdir, config.train.keep_checkpoints, async_save=False)
+  manager = make_manager(workdir, config.train.keep_checkpoints, async_save=False, create=False)
   state, step = restore(manager, exp.abstract_state)
   use_ema = config.sample.use_ema if use_ema is None else use_ema
   return exp, state.ema_params if use_ema else state.params, state.extras, step

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from ardiff_jax.data import pipeline
 from ardiff_jax.methods import Method, get_method
 from ardiff_jax.parallel import mesh as mesh_lib
 from ardiff_jax.train import optim
@@ -36,10 +37,25 @@ class Experiment:
     return tuple(tuple(r) for r in self.config.mesh.rules)
 
 
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ValueError(message)
+
+
 def validate_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-  """Checks that fail early with a message naming the field and a fix."""
+  """Checks that fail early, before anything is written, with a message naming the field and a fix."""
   if config.nan_policy not in ("skip", "halt"):
     raise ValueError(f"nan_policy={config.nan_policy!r}: expected 'skip' or 'halt'")
+  _require(config.data.source in pipeline.SOURCES,
+           f"data.source={config.data.source!r}: expected one of {pipeline.SOURCES}")
+  for field in ("train.batch_size", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
+                "sample.batch_size", "eval.batch_size", "data.num_classes", "data.image_size"):
+    section, name = field.split(".")
+    value = config[section][name]
+    _require(isinstance(value, int) and value > 0, f"{field}={value!r} must be a positive integer")
+  _require(config.train.num_steps >= 0, f"train.num_steps={config.train.num_steps} must be ≥ 0")
+  skip = config.data.get("max_skipped_fraction", 0.0)
+  _require(0.0 <= skip <= 1.0, f"data.max_skipped_fraction={skip} must be in [0, 1]")
   b, pc = config.train.batch_size, jax.process_count()
   data_par = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
   if b % pc or b % data_par:

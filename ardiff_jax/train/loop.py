@@ -100,10 +100,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   on the weights sampling would use (the EMA or raw weights per `sample.use_ema`, passed through
   `Method.sampling_params`) and its scalars go to metrics.jsonl under `eval/`.
   """
-  exp = build_experiment(config)
+  exp = build_experiment(config)       # validates the config
+  data_iter = train_data_iter(config)  # checks the data source (paths, classes, readable images)
+  # Only now is anything written: a start that fails above leaves the workdir untouched.
   write_config(config, workdir)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
-  data_iter = train_data_iter(config)
   state, start = restore_or_init(exp, manager, data_iter)
   if start:
     logging.info("resuming at step %d", start)
@@ -122,11 +123,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   cfg_dict = configlib.to_dict(config)
   num_steps, log_every = config.train.num_steps, max(1, config.train.log_every)
   last_log_time, last_log_step = time.time(), start
+  local_batch = config.train.batch_size // jax.process_count()
+  skipped_at_start = pipeline.num_skipped_images()
+  max_skipped = config.data.get("max_skipped_fraction", 1.0)
   progress = _progress(start, num_steps)
   try:
     for step in range(start, num_steps):
       local = next(data_iter)
       batch = shd.global_batch({k: local[k] for k in exp.method.batch_keys}, exp.mesh)
+      skipped = pipeline.num_skipped_images() - skipped_at_start
+      pipeline.check_skipped_fraction(skipped, (step + 1 - start) * local_batch + skipped, max_skipped)
       state, metrics = step_fn(state, batch)
       done = step + 1
       halt = config.nan_policy == "halt" and int(metrics["nonfinite"])

@@ -1,5 +1,6 @@
-"""Tests for ardiff_jax.data.pipeline.make_dataset (grain), on digits, folders, tfds mocks, caches."""
+"""Tests for ardiff_jax.data.pipeline.make_dataset (grain), on digits, folders, tfds, caches."""
 import collections
+import functools
 import hashlib
 import itertools
 import logging
@@ -149,7 +150,7 @@ def test_corrupt_image_is_skipped_counted_and_warned_once(tmp_path, caplog):
   bad = os.path.join(root, "train", "dog", "1_99_bad.jpg")
   with open(bad, "wb") as f:
     f.write(b"\xff\xd8\xff\xe0 truncated garbage")
-  cfg = _cfg(source="folder", path=root, random_flip=False)
+  cfg = _cfg(source="folder", path=root, random_flip=False, num_classes=2)
   assert pipeline.num_examples(cfg, "train") == 13
   with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
     batches = list(pipeline.make_dataset(cfg, split="train", seed=0, batch_size=5, train=False))
@@ -235,21 +236,79 @@ def test_folder_on_cifar10_subset(tmp_path):
 
 
 # --------------------------------------------------------------------- tfds
-@pytest.mark.parametrize("name, side", [("mnist", 28), ("cifar10", 32)])
-def test_tfds_mock_without_tensorflow(name, side):
+_TFDS_NAME = "ardiff_tiny_gray"   # registered by the class below (tfds names it from the class name)
+
+
+@functools.lru_cache(maxsize=1)   # tfds registers a builder class once per process
+def _tfds_class():
+  """A tiny grayscale tfds dataset (train 12, test 5 images of 8×8, 3 classes), prepared in the
+  array_record format that `tfds.data_source` reads, written without TensorFlow (PNG bytes)."""
+  import io  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  cfg = _cfg(source="tfds", tfds_name=name, image_size=16)
-  with tfds.testing.mock_data(num_examples=12):
-    assert pipeline.num_examples(cfg, "train") == 12
-    assert len(pipeline.class_names(cfg)) == 10
-    train = _take(pipeline.make_dataset(cfg, split="train", seed=0, batch_size=4, train=True), 4)
-    evals = list(pipeline.make_dataset(cfg, split="test", seed=0, batch_size=5, train=False))
+
+  class ArdiffTinyGray(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(8, 8, 1)),
+          "label": tfds.features.ClassLabel(names=["a", "b", "c"])}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples(12, 0), "test": self._generate_examples(5, 1)}
+
+    def _generate_examples(self, n, seed):
+      rng = np.random.default_rng(seed)
+      for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(buf, "PNG")
+        yield i, {"image": buf.getvalue(), "label": i % 3}
+
+  return ArdiffTinyGray
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  _tfds_class()(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  return data_dir
+
+
+def test_tfds_source_reads_a_prepared_dataset_without_tensorflow(tfds_dir):
+  """The real `tfds.data_source` path on a dataset prepared in a temporary data_dir."""
+  cfg = _cfg(source="tfds", tfds_name=_TFDS_NAME, path=tfds_dir, image_size=16, num_classes=3)
+  assert pipeline.num_examples(cfg, "train") == 12
+  assert pipeline.class_names(cfg) == ["a", "b", "c"]
+  train = _take(pipeline.make_dataset(cfg, split="train", seed=0, batch_size=4, train=True), 4)
+  evals = list(pipeline.make_dataset(cfg, split="test", seed=0, batch_size=2, train=False))
   assert all(b["image"].shape == (4, 16, 16, 3) and b["label"].dtype == np.int32 for b in train)
-  assert [b["image"].shape[0] for b in evals] == [5, 5, 2]
-  assert all(set(b) == {"image", "label"} for b in train + evals)  # string fields dropped
-  if side == 28:  # grayscale replicated to RGB
-    np.testing.assert_array_equal(train[0]["image"][..., 0], train[0]["image"][..., 2])
+  assert [b["image"].shape[0] for b in evals] == [2, 2, 1]
+  assert all(set(b) == {"image", "label"} for b in train + evals)   # string fields dropped
+  np.testing.assert_array_equal(train[0]["image"][..., 0], train[0]["image"][..., 2])  # gray -> RGB
+  assert sorted(np.concatenate([b["label"] for b in evals]).tolist()) == [0, 0, 1, 1, 2]
   assert "tensorflow" not in sys.modules
+
+
+@pytest.mark.parametrize("name", [_TFDS_NAME, "mnist"])
+def test_tfds_unprepared_dataset_is_one_clear_error_and_downloads_nothing(tmp_path, name):
+  _tfds_class()
+  cfg = _cfg(source="tfds", tfds_name=name, path=str(tmp_path))
+  with pytest.raises(ValueError, match=rf"tfds dataset '{name}' is not prepared in "
+                     rf"data_dir='{tmp_path}'.*`tfds build {name} --data_dir={tmp_path}") as e:
+    pipeline.make_dataset(cfg, split="train", seed=0, batch_size=4, train=True)
+  assert "\n" not in str(e.value)
+  assert not any(files for _, _, files in os.walk(tmp_path))   # nothing downloaded or written
+
+
+def test_tfds_unknown_name_and_class_count_are_refused(tfds_dir):
+  with pytest.raises(ValueError, match="data.tfds_name='no_such_dataset_xyz' is not a tfds dataset"):
+    pipeline.make_dataset(_cfg(source="tfds", tfds_name="no_such_dataset_xyz", path=tfds_dir),
+                          split="train", seed=0, batch_size=4, train=True)
+  cfg = _cfg(source="tfds", tfds_name=_TFDS_NAME, path=tfds_dir, num_classes=2)
+  with pytest.raises(pipeline.DataError, match=r"has 3 classes, but data.num_classes=2: set "
+                     r"--config.data.num_classes=3"):
+    pipeline.make_dataset(cfg, split="train", seed=0, batch_size=4, train=True)
 
 
 # ------------------------------------------------------------------- cached
