@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= workdirs/demo
 PYTEST_ARGS ?=
+# Two pytest workers (pytest-xdist), one test file each at a time: the suite is mostly XLA
+# compilation, which is single-threaded, so two workers on two cores take ~2/3 of the time.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-slow install clean-demo
 
@@ -35,10 +38,10 @@ demo: $(STAMP)
 # The layer contract (pyproject.toml, [tool.importlinter]) first: a broken contract fails the suite.
 test: $(STAMP)
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q -m "not slow" --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -1,8 +1,15 @@
 """Test set-up: 8 fake CPU devices, so sharding is exercised without accelerators.
 
 XLA_FLAGS must be set before JAX is first imported, which is why this lives in conftest.py.
+Compiled programs go to a persistent compilation cache made for this test session and removed
+after it: many tests (and the `python -m ardiff_jax.main` processes some of them start, which
+inherit the environment) compile the same tiny programs, and on a 2-core CPU compiling is most of
+their time.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 # Optimisation level 0 halves XLA's CPU compile time, which dominates these tiny-shape tests.
 os.environ["XLA_FLAGS"] = (
@@ -11,6 +18,12 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE = tempfile.mkdtemp(prefix="ardiff_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -117,19 +117,54 @@ def test_respacing_keeps_the_adm_steps_and_cumulative_alphas():
   assert base.num_timesteps == 1000 and sp.num_timesteps == 100
 
 
+def _numpy_ancestral_chain(betas, timestep_map, x_t, eps_fn, noises, temperature):
+  """The respaced ancestral sampler in float64, written from the DDPM posterior: k = K−1 … 0,
+  x̂₀ = (x − √(1−ᾱ_k) ε̂)/√ᾱ_k, x ← c1_k x̂₀ + c2_k x + 1[k>0] τ σ_k z_k, where ε̂ = eps_fn(x, t)
+  is evaluated at the ORIGINAL timestep t = timestep_map[k] and σ_k² is the learned-range variance
+  at v = 0 (the geometric mean of β_k and the clipped posterior variance)."""
+  betas = np.asarray(betas, np.float64)
+  ab = np.cumprod(1.0 - betas)
+  ab_prev = np.concatenate([[1.0], ab[:-1]])
+  post_var = betas * (1.0 - ab_prev) / (1.0 - ab)
+  post_var_clipped = np.concatenate([[post_var[1]], post_var[1:]])
+  x = np.asarray(x_t, np.float64)
+  for k in range(len(betas) - 1, -1, -1):
+    eps = eps_fn(x, timestep_map[k])
+    x0 = (x - np.sqrt(1.0 - ab[k]) * eps) / np.sqrt(ab[k])
+    mean = (betas[k] * np.sqrt(ab_prev[k]) / (1.0 - ab[k])) * x0 + (
+        (1.0 - ab_prev[k]) * np.sqrt(1.0 - betas[k]) / (1.0 - ab[k])) * x
+    sigma = np.exp(0.25 * (np.log(betas[k]) + np.log(post_var_clipped[k])))
+    x = mean + (k > 0) * temperature * sigma * noises[k]
+  return x
+
+
 def test_sampler_feeds_original_timesteps_and_temperature_scales_only_step_noise():
+  """The sampler against a float64 NumPy chain: ε̂ depends on the timestep the network is fed, so
+  feeding the respaced index k instead of the original t would change the output; at τ = 0, 1, 2
+  the noise of each step is scaled by τ and x_T itself is not."""
   sp = G.create_diffusion(respacing="10")
+  tmap = np.asarray(sp.timestep_map)
+  assert tmap[-1] == 999 and tmap[0] == 0 and len(tmap) == 10
+  eps_of_t = lambda t: np.sin(np.arange(3) + t / 97.0)          # [3], depends on t only
   seen = []
 
   def model_fn(x, t):
-    seen.append(t)
-    return jnp.zeros(x.shape[:-1] + (2 * x.shape[-1],))
+    jax.debug.callback(lambda tt: seen.append(np.asarray(tt).copy()), t)
+    eps = jnp.sin(jnp.arange(3, dtype=jnp.float32)[None, :] + t[:, None].astype(jnp.float32) / 97.0)
+    return jnp.concatenate([jnp.broadcast_to(eps, x.shape), jnp.zeros_like(x)], axis=-1)
 
-  x_t = jnp.ones((2, 3))
-  # With ε̂ = 0 and τ = 0 the chain is deterministic; the first (model) call is traced once.
-  out0 = sp.p_sample_loop(model_fn, x_t, jax.random.key(0), temperature=0.0)
-  ab = np.cumprod(1 - sp.betas)
-  # ε̂ = 0 -> x̂0 = x_t/√ᾱ_t at every step; the chain ends at x_T/√ᾱ_T scaled down to x̂0 of step 0.
-  np.testing.assert_allclose(np.asarray(out0), np.ones((2, 3)) / np.sqrt(ab[-1]), rtol=1e-4)
-  out1 = sp.p_sample_loop(model_fn, x_t, jax.random.key(0), temperature=1.0)
-  assert not np.allclose(np.asarray(out0), np.asarray(out1))
+  x_t = np.array([[0.3, -1.2, 2.0], [1.0, 0.5, -0.7]], np.float32)
+  key = jax.random.key(0)
+  # The sampler's step noise: one split of the carried key per step, k = K−1 first.
+  noises, k_ = {}, key
+  for k in range(len(tmap) - 1, -1, -1):
+    k_, sub = jax.random.split(k_)
+    noises[k] = np.asarray(jax.random.normal(sub, x_t.shape, jnp.float32), np.float64)
+  outs = {}
+  for tau in (0.0, 1.0, 2.0):
+    outs[tau] = np.asarray(sp.p_sample_loop(model_fn, jnp.asarray(x_t), key, temperature=tau))
+    want = _numpy_ancestral_chain(sp.betas, tmap, x_t, lambda x, t: eps_of_t(t), noises, tau)
+    np.testing.assert_allclose(outs[tau], want, rtol=2e-4, atol=2e-4)
+  fed = sorted({int(v) for arr in seen for v in np.ravel(arr)})
+  assert fed == sorted(int(t) for t in tmap), fed        # the original indices, every step
+  assert not np.allclose(outs[0.0], outs[1.0])

@@ -83,11 +83,22 @@ def test_jko_steps_contract_w2_by_one_over_one_plus_tau(tau, num_steps):
   assert abs(after / before - expected) < 0.03, (before, after, expected)
 
 
-def test_jko_update_closed_form_with_lambda():
-  z, t, y = jnp.array([[1.0, 0.0]]), jnp.array([[3.0, 2.0]]), jnp.array([[-1.0, 4.0]])
-  got = cr.jko_update(z, t, tau=0.5, lam=2.0, y_hat=y)
-  np.testing.assert_allclose(got, (z + 0.5 * t + 1.0 * y) / (1 + 0.5 + 1.0), rtol=1e-6)
-  np.testing.assert_allclose(cr.jko_update(z, t, tau=1.0), (z + t) / 2, rtol=1e-6)
+def test_jko_update_minimises_the_proximal_objective():
+  """One JKO step with the map T frozen is argmin_x (1/2τ)‖x − z‖² + ½‖x − T(z)‖² + (λ/2)‖x − ŷ‖²
+  (the proximal step of F = ½W₂²(·, P*) + (λ/2)E‖· − ŷ‖², W₂ linearised by T). The minimiser is
+  found here by scipy's BFGS in float64, not from a formula."""
+  import scipy.optimize  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  z, t, y = (rng.normal(size=(4, 3)) for _ in range(3))
+  for tau, lam in ((0.5, 2.0), (1.0, 0.0), (3.0, 0.25)):
+    objective = lambda x, tau=tau, lam=lam: (
+        np.sum((x - z.ravel()) ** 2) / (2 * tau) + 0.5 * np.sum((x - t.ravel()) ** 2)
+        + 0.5 * lam * np.sum((x - y.ravel()) ** 2))
+    best = scipy.optimize.minimize(objective, np.zeros(z.size), method="BFGS",
+                                   options={"gtol": 1e-10}).x.reshape(z.shape)
+    got = cr.jko_update(jnp.asarray(z, jnp.float32), jnp.asarray(t, jnp.float32), tau=tau, lam=lam,
+                        y_hat=jnp.asarray(y, jnp.float32) if lam else None)
+    np.testing.assert_allclose(np.asarray(got), best, rtol=1e-5, atol=1e-5)
 
 
 def test_class_features_keep_the_transport_within_each_class():

@@ -55,12 +55,14 @@ def test_scanned_and_rematerialised_stack_equals_the_loop(kind, scan, remat):
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.normal(size=(2, L, C)), jnp.float32)
   labels = jnp.array([3, 7])
-  got, want = (_forward(kind, m, p, tokens, labels) for m, p in [(scanned, params), (loop, unstacked)])
+  # Jitted: eagerly, each of the many small ops compiles on its own (seconds each on 2 cores).
+  got, want = (jax.jit(lambda p, m=m: _forward(kind, m, p, tokens, labels))(p)
+               for m, p in [(scanned, params), (loop, unstacked)])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
 
   loss = lambda m, p: sum(jnp.sum(jnp.square(x)) for x in _forward(kind, m, p, tokens, labels))
-  g_scan = jax.grad(lambda p: loss(scanned, p))(params)
-  g_loop = jax.grad(lambda p: loss(loop, p))(unstacked)
+  g_scan = jax.jit(jax.grad(lambda p: loss(scanned, p)))(params)
+  g_loop = jax.jit(jax.grad(lambda p: loss(loop, p)))(unstacked)
   for name in _stacks(kind) if scan else ():
     g_scan = layers.unstack_layers(g_scan, name)
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_loop))   # float32 sums reorder

@@ -6,7 +6,8 @@ import pytest
 from ardiff_jax.parallel import sharding as shd
 from ardiff_jax.train import checkpoint
 from ardiff_jax.train.experiment import build_experiment
-from ardiff_jax.train.loop import train_data_iter
+from ardiff_jax.train.loop import train_and_evaluate, train_data_iter
+from ardiff_jax.train.metrics import read_metrics
 from ardiff_jax.train.state import init_state, jit_train_step
 from tests.helpers import load_config
 
@@ -101,3 +102,24 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
                jax.device_get(state.params))
   specs = {str(x.sharding.spec) for x in jax.tree.leaves(restored.params)}
   assert any("fsdp" in s for s in specs), specs
+
+
+@pytest.mark.parametrize("use_ema", [True, False])
+def test_periodic_evaluation_is_a_callback_on_the_sampling_weights(tmp_path, use_ema):
+  """The loop calls `evaluate(params, step)` every eval.every_steps steps with the weights sampling
+  reads (EMA or raw, per sample.use_ema), and logs its scalars under eval/ in metrics.jsonl."""
+  config = tiny_config()
+  config.eval.every_steps, config.sample.use_ema = 2, use_ema
+  calls = []
+
+  def evaluate(params, step):
+    calls.append((step, jax.device_get(params)))
+    return {"score": float(step) / 10, "step": step, "note": "text is not logged"}
+
+  state = train_and_evaluate(config, str(tmp_path), evaluate)
+  assert [step for step, _ in calls] == [2, 4]
+  want = jax.device_get(state.ema_params if use_ema else state.params)   # step 4's weights
+  jax.tree.map(np.testing.assert_array_equal, calls[-1][1], want)
+  rows = {r["step"]: r for r in read_metrics(str(tmp_path))}
+  assert rows[2]["eval/score"] == 0.2 and rows[4]["eval/score"] == 0.4
+  assert "eval/note" not in rows[4] and "eval/step" not in rows[4]

@@ -73,8 +73,20 @@ def uninterrupted(tmp_path_factory):
   return _final_state(workdir)
 
 
+# The interruption step is drawn from a seed that is printed (pytest shows it with a failure) and
+# can be fixed to reproduce one: ARDIFF_JAX_RESUME_SEED=<seed> pytest tests/train/test_resume.py
+SEED_ENV = "ARDIFF_JAX_RESUME_SEED"
+
+
+def _draw_interrupt_step() -> tuple[int, int]:
+  seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(2**31))
+  step = random.Random(seed).randint(2, STEPS - 5)   # leaves ≥ 4 steps for the signal to land in
+  print(f"interrupting at step {step}, drawn from seed {seed} (reproduce: {SEED_ENV}={seed})")
+  return step, seed
+
+
 def _interrupt_and_resume(tmp_path, sig):
-  kill_at = random.randint(2, STEPS - 5)   # leaves ≥ 4 steps for the signal to land in
+  kill_at, seed = _draw_interrupt_step()
   workdir = str(tmp_path / "interrupted")
   proc = _start(workdir)
   reached = _wait_for_step(proc, workdir, kill_at)
@@ -83,7 +95,8 @@ def _interrupt_and_resume(tmp_path, sig):
   manager = checkpoint.make_manager(workdir)
   saved = manager.latest_step()
   _run(workdir)                                     # the same command resumes
-  return code, reached, saved, _final_state(workdir), f"signal at step {reached} (drawn {kill_at})"
+  return code, reached, saved, _final_state(workdir), (f"signal at step {reached} (drawn {kill_at} "
+                                                          f"from {SEED_ENV}={seed})")
 
 
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path, uninterrupted):
@@ -98,3 +111,9 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes_exactly(tmp_path, uninterr
   assert code == 0, where                             # a clean exit, not a crash
   assert reached <= saved < STEPS, (reached, saved)   # it saved the step where it stopped
   jax.tree.map(np.testing.assert_array_equal, state, uninterrupted)
+
+
+def test_the_interruption_step_is_reproducible_from_its_seed(monkeypatch):
+  monkeypatch.setenv(SEED_ENV, "20261129")
+  assert _draw_interrupt_step() == _draw_interrupt_step() == (random.Random(20261129).randint(
+      2, STEPS - 5), 20261129)
