@@ -5,7 +5,8 @@ posteriors (`--mode cache`), then train this config. 32 px digits -> 8×8×4 lat
 16 tokens of 16 dims. mar_small (width 128, 2+2 blocks, 4 buffer slots, head 2×128).
 Departures from MAR's ImageNet recipe, for a minutes-long CPU run (`presets.use_cpu_run`):
 lr 1e-3 rather than 1e-4·B/256, raw weights rather than the EMA, 16 AR steps and 50 DDPM steps
-when sampling, x̂_0 clipped to ±5.
+when sampling, x̂_0 clipped to ±5. 1,000 steps (about 3 minutes on a 2-core CPU) keep `make demo`
+within 10 minutes; the condition-refinement ablation in the README ran `steps=1500`.
 Args: steps, batch, kl (the tokenizer run), tiny (a seconds-long smoke run for the tests),
 condref (off | probe | loss | runtime: condition refinement, methods/condref.py).
 """
@@ -16,7 +17,7 @@ from ardiff_jax.methods.mar import mar_base_config
 
 
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, steps=1500, batch=64, kl="workdirs/demo/kl", tiny=False,
+  a = configlib.parse_arg(arg, steps=1000, batch=64, kl="workdirs/demo/kl", tiny=False,
                           condref="off")
   c = mar_base_config("mar_small", a.batch)
   use_digits_latents(c, c.mar, a.kl, a.tiny)
