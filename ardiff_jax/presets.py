@@ -13,6 +13,22 @@ from ardiff_jax import configlib
 from ardiff_jax.methods.kl_tokenizer import tokenizer_config
 
 
+def use_digits_tokenizer_run(c: ml_collections.ConfigDict, *, steps: int, batch: int,
+                             size: int) -> None:
+  """A tokenizer (KL or VQ) trained on the bundled digits for a few CPU minutes: `size` px, no
+  flips (digits are not mirror-symmetric), lr 1e-3 after 100 warmup steps, grids of 64."""
+  c.data.source = "digits"
+  c.data.image_size = size
+  c.data.random_flip = False
+  c.train.num_steps = steps
+  c.train.batch_size = batch
+  c.train.log_every = 50
+  c.train.ckpt_every = 300
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 100
+  c.sample.num_samples = c.sample.batch_size = 64
+
+
 def use_cpu_run(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict, steps: int,
                 tiny: bool) -> None:
   """Training and sampling sizes for a short CPU run (the digits demo, CIFAR-10 budget runs):

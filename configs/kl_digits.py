@@ -8,6 +8,7 @@ encoder and decoder), tiny (a seconds-long smoke run on a 16 px, two-level model
 """
 from ardiff_jax import configlib
 from ardiff_jax.methods.kl_tokenizer import tokenizer_base_config
+from ardiff_jax.presets import use_digits_tokenizer_run
 
 
 def get_config(arg=None):
@@ -16,20 +17,7 @@ def get_config(arg=None):
   c.tokenizer.latent_scale = 1.0
   c.tokenizer.overrides = dict(enc_ch=a.ch, dec_ch=a.ch, resolution=a.size)
 
-  c.data.source = "digits"
-  c.data.image_size = a.size
-  c.data.random_flip = False       # digits are not mirror-symmetric
-
-  c.train.num_steps = a.steps
-  c.train.batch_size = a.batch
-  c.train.log_every = 50
-  c.train.ckpt_every = 300
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 100
-
-  c.sample.num_samples = 64
-  c.sample.batch_size = 64
-  c.bench.steps = 10
+  use_digits_tokenizer_run(c, steps=a.steps, batch=a.batch, size=a.size)
   if a.tiny:
     c.train.num_steps, c.train.batch_size, c.train.log_every = 4, 16, 2
     c.train.ckpt_every = 2

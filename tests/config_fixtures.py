@@ -19,6 +19,7 @@ FIXTURE = os.path.join(REPO, "tests", "fixtures", "configs.json")
 # the Makefile and the tests use.
 VARIANTS = (
     ("kl_digits", "tiny"),
+    ("vq_digits", "tiny"),
     ("kl_cifar10", "preset=kl_tiny,disc=false"),
     ("mar_digits", "tiny"),
     ("mar_digits", "condref=runtime"),

@@ -75,6 +75,7 @@ class Method:
 # so a config pays only for the method it names.
 METHODS: dict[str, str] = {
     "kl_tokenizer": "kl_tokenizer",
+    "vq_tokenizer": "vq_tokenizer",
     "feature_classifier": "feature_classifier",
     "mar": "mar",
     "ar_diffusion": "ar_diffusion",

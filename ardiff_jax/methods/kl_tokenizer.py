@@ -20,6 +20,7 @@ import numpy as np
 
 from ardiff_jax import configlib
 from ardiff_jax.methods import Method
+from ardiff_jax.methods import reconstruction as rec_lib
 from ardiff_jax.tokenizers import kl as kl_lib
 from ardiff_jax.tokenizers import losses
 
@@ -28,17 +29,6 @@ def build_autoencoder(tcfg: ml_collections.ConfigDict,
                       compute_dtype: str = "float32") -> kl_lib.AutoencoderKL:
   """The AutoencoderKL of a `tokenizer` config section (its preset and overrides)."""
   return kl_lib.make_autoencoder(tcfg.preset, dtype=jnp.dtype(compute_dtype), **configlib.overrides(tcfg))
-
-
-def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
-  """PSNR in dB per image for images in [-1, 1] (peak-to-peak 2). [B,H,W,C] x2 -> [B]."""
-  mse = jnp.mean(jnp.square(jnp.clip(x, -1, 1) - jnp.clip(y, -1, 1)), axis=(1, 2, 3))
-  return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
-
-
-def to_uint8(x: jax.Array) -> jax.Array:
-  """[-1, 1] float -> uint8 [0, 255]."""
-  return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
 def make_method(config: ml_collections.ConfigDict) -> Method:
@@ -65,13 +55,10 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     kl = kl_lib.kl_to_standard_normal(moments)                              # [B]
     loss = jnp.mean(nll) + tcfg.kl_weight * jnp.mean(kl)
     metrics = {"rec_loss": jnp.mean(rec) / np.prod(x.shape[1:]), "kl": jnp.mean(kl),
-               "logvar": params["logvar"], "psnr": jnp.mean(psnr(x, x_rec))}
+               "logvar": params["logvar"], "psnr": jnp.mean(rec_lib.psnr(x, x_rec))}
     if disc is not None:
       on = (step >= tcfg.disc_start).astype(jnp.float32)
-      frozen_d = jax.lax.stop_gradient(params["disc"])
-      g_loss = losses.generator_hinge_loss(disc.apply({"params": frozen_d}, x_rec))
-      d_loss = losses.hinge_d_loss(disc.apply({"params": params["disc"]}, x),
-                                   disc.apply({"params": params["disc"]}, jax.lax.stop_gradient(x_rec)))
+      g_loss, d_loss = rec_lib.adversarial_terms(disc, params["disc"], x, x_rec)
       loss = loss + on * (tcfg.disc_weight * g_loss + d_loss)
       metrics.update(g_loss=g_loss, d_loss=d_loss)
     return loss, metrics, extras
@@ -85,20 +72,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
                      method=ae.decode)
     return jnp.clip(x_rec.astype(jnp.float32), -1, 1)
 
-  def generate(params, frozen, batch, rng):
-    """What `--mode eval` scores for a tokenizer: reconstructions of held-out images (rFID style)."""
-    del frozen, rng
-    return to_uint8(reconstruct(params, batch["image"].astype(jnp.float32)))
-
-  def visualize(params, batch, rng):
-    """Originals next to their reconstructions (posterior mode), 8 pairs per grid row."""
-    del rng
-    x = batch["image"].astype(jnp.float32)
-    x_rec = reconstruct(params, x)
-    pairs = jnp.stack([x, x_rec], axis=1).reshape((-1,) + x.shape[1:])
-    labels = jnp.repeat(batch["label"], 2)
-    return {"images": to_uint8(pairs), "labels": labels, "grid_columns": 16,
-            "psnr": psnr(x, x_rec)}
+  generate, visualize = rec_lib.reconstruction_views(reconstruct)
 
   return Method(name="kl_tokenizer", model=ae, init_params=init_params, loss_fn=loss_fn,
                 batch_keys=("image",), visualize=visualize, encode=encode, generate=generate,

@@ -8,7 +8,9 @@ int(2·4D/3) rounded up to a multiple of 256. 2D RoPE: half of each head's pairs
 row index, half with the column index (base 10000), on *interleaved* pairs (x[2i], x[2i+1]);
 the class-token prefix gets the all-zero table (cos = sin = 0), LlamaGen's quirk that zeroes its
 query and key. Class table: num_classes + 1 rows, the last one the null class for CFG.
-Dropout: token-embedding 0.1, residual 0.1, FFN 0.1, no attention-probability dropout.
+Dropout: token-embedding 0.1, residual 0.1 (after W_o), FFN 0.1 (once, after W₂), no
+attention-probability dropout. Under a bf16 compute dtype the projections run in bf16 while the
+residual stream, the norms and the attention logits stay float32, as under LlamaGen's autocast.
 Init: Linear and embeddings N(0, 0.02).
 Decoding uses a static per-layer KV cache (`decode_step`), equal to the full causal forward.
 
@@ -103,7 +105,9 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, rope, cache=None, cache_index=None, deterministic=True):
-    """x [B, T, D]; rope [T, hd/2, 2] or [B, T, hd/2, 2]. Without a cache: causal attention over the T positions.
+    """x [B, T, D] float32 (the residual stream); rope [T, hd/2, 2] or [B, T, hd/2, 2]. The
+    projections compute in `dtype`, the residual adds stay float32 (as torch autocast does), and
+    attention logits accumulate in float32. Without a cache: causal attention over the T positions.
     With cache (k, v) [B, S, H, hd]: writes this step's keys/values at `cache_index` and attends
     to positions ≤ cache_index + t. Returns (x, new cache)."""
     b, t, _ = x.shape
@@ -130,8 +134,8 @@ class Block(nn.Module):
     hidden = ffn_hidden(self.width)
     g = nn.silu(_dense(hidden, ("embed", "mlp"), "w1", self.dtype)(h)) * \
         _dense(hidden, ("embed", "mlp"), "w3", self.dtype)(h)
-    g = _dense(self.width, ("mlp", "embed"), "w2", self.dtype)(nn.Dropout(self.dropout)(g, deterministic=deterministic))
-    x = x + nn.Dropout(self.dropout)(g, deterministic=deterministic)
+    g = _dense(self.width, ("mlp", "embed"), "w2", self.dtype)(g)
+    x = x + nn.Dropout(self.dropout)(g, deterministic=deterministic)   # LlamaGen: once, after w2
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
 
 
@@ -176,8 +180,7 @@ class GPT(nn.Module):
 
   def embed(self, tokens, labels, deterministic):
     """[class, x_1 … x_{T−1}] embeddings: labels [B] (num_classes = null), tokens [B, T−1, C]."""
-    cls = self.cls_embedding(labels)[:, None].astype(self.dtype)
-    x = jnp.concatenate([cls, self.tok_embeddings(tokens.astype(self.dtype))], axis=1)
+    x = jnp.concatenate([self.embed_class(labels), self.embed_tokens(tokens)], axis=1)
     return self.tok_dropout(x, deterministic=deterministic)
 
   def __call__(self, tokens, labels, deterministic: bool = True, order=None):
@@ -217,7 +220,7 @@ class GPT(nn.Module):
 
   def target_embed(self, positions):
     """[B, T, D]: the learned embedding of the grid position each input slot predicts next."""
-    return self.target_pos_embed[positions].astype(self.dtype)
+    return self.target_pos_embed[positions].astype(jnp.float32)
 
   def head(self, x_t, t, z):
     """The DiffLoss MLP: (x_t [N, C], t [N], z [N, D]) -> [N, 2C]."""
@@ -245,8 +248,10 @@ class GPT(nn.Module):
     x_emb, new_cache = self._run_layers(x_emb, rope, cache, index, True)
     return self.norm(x_emb), new_cache
 
+  # The residual stream is float32 whatever the compute dtype (LlamaGen under bf16 autocast: the
+  # embeddings are float32 and each residual add promotes the bf16 branch output to float32).
   def embed_class(self, labels):
-    return self.cls_embedding(labels)[:, None].astype(self.dtype)
+    return self.cls_embedding(labels)[:, None].astype(jnp.float32)
 
   def embed_tokens(self, tokens):
-    return self.tok_embeddings(tokens.astype(self.dtype))
+    return self.tok_embeddings(tokens.astype(self.dtype)).astype(jnp.float32)

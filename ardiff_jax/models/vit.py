@@ -31,8 +31,10 @@ def layer_norm(name: str, dtype=jnp.float32):
 
 def attention_weights(q: jax.Array, k: jax.Array, allowed: jax.Array | None) -> jax.Array:
   """Softmax attention probabilities [B, H, Q, K] in float32 from q [B, Q, H, hd], k [B, K, H, hd];
-  `allowed` (broadcastable to [B, H, Q, K], True = may attend) masks the rest out."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+  `allowed` (broadcastable to [B, H, Q, K], True = may attend) masks the rest out. The logits
+  accumulate in float32 even for bf16 q and k (a bf16 dot product loses ~3 significant digits)."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
+                      preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
   if allowed is not None:
     logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
   return jax.nn.softmax(logits, axis=-1)

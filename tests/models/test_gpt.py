@@ -125,3 +125,43 @@ def test_preset_sizes_follow_llamagen():
   shapes = jax.eval_shape(lambda r: model.init(r, method=gpt.GPT.init_all), jax.random.key(0))
   block = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]["layers_0"]))
   assert block == 4 * 768 * 768 + 3 * 768 * 2048 + 2 * 768
+
+
+def test_block_drops_out_each_branch_once_as_llamagen():
+  """Residual dropout after W_o and FFN dropout once, after W₂ (LlamaGen's FeedForward): exactly
+  two dropout layers, and the second one's output is W₂'s output masked and rescaled."""
+  p = 0.5
+  block = gpt.Block(width=32, num_heads=2, dropout=p)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 32)), jnp.float32)
+  rope = jnp.asarray(gpt.rope_2d_table(2, 16)[:5])
+  variables = block.init(jax.random.key(0), x, rope)
+  _, state = block.apply(variables, x, rope, deterministic=False, rngs={"dropout": jax.random.key(1)},
+                         capture_intermediates=True, mutable=["intermediates"])
+  inter = state["intermediates"]
+  dropouts = sorted(k for k in inter if k.startswith("Dropout"))
+  assert dropouts == ["Dropout_0", "Dropout_1"], sorted(inter)
+  w2_out = np.asarray(inter["w2"]["__call__"][0])
+  dropped = np.asarray(inter["Dropout_1"]["__call__"][0])
+  kept = dropped != 0
+  assert 0.3 < kept.mean() < 0.7
+  np.testing.assert_allclose(dropped[kept], w2_out[kept] / (1 - p), rtol=1e-6)
+
+
+def test_bf16_compute_keeps_the_residual_stream_and_logits_in_float32():
+  """With dtype=bfloat16 the blocks' outputs (the residual stream) are float32 and the result
+  stays within bf16 rounding of the float32 forward."""
+  model32 = gpt.make_gpt("gpt_tiny", token_dim=C, seq_len=L, num_classes=10, dropout=0.0, depth=3)
+  model16 = gpt.make_gpt("gpt_tiny", token_dim=C, seq_len=L, num_classes=10, dropout=0.0, depth=3,
+                         dtype=jnp.bfloat16)
+  params = model32.init(jax.random.key(0), method=gpt.GPT.init_all)["params"]
+  tokens = jnp.asarray(np.random.default_rng(1).normal(size=(2, L, C)), jnp.float32)
+  labels = jnp.array([1, 10])
+  z32 = model32.apply({"params": params}, tokens, labels)
+  z16, state = model16.apply({"params": params}, tokens, labels, capture_intermediates=True,
+                             mutable=["intermediates"])
+  inter = state["intermediates"]
+  for i in range(3):
+    assert inter[f"layers_{i}"]["__call__"][0][0].dtype == jnp.float32
+  assert z16.dtype == jnp.float32
+  rel = float(jnp.linalg.norm(z16 - z32) / jnp.linalg.norm(z32))
+  assert rel < 2e-2, rel

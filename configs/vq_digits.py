@@ -1,0 +1,30 @@
+"""VQ tokenizer on scikit-learn's bundled digits (32 px, RGB): the discrete demo's tokenizer.
+
+vq_tiny (ours) at width 16 (as the KL demo tokenizer): LlamaGen's VQ architecture, f = 4
+(32×32 -> 8×8 codes), K = 1024 codes of 8 dims, l2-normalised; l2 + codebook + commitment losses,
+no GAN (a minutes-long run), no LPIPS (its weights are not bundled). Adam(0.9, 0.95), lr 1e-3 with
+100 warmup steps.
+Args: steps, batch, size (image side), ch (base width), k (codebook size), tiny (a seconds-long
+smoke run on a 16 px, two-level model, used by tests).
+"""
+from ardiff_jax import configlib
+from ardiff_jax.methods.vq_tokenizer import tokenizer_base_config
+from ardiff_jax.presets import use_digits_tokenizer_run
+
+
+def get_config(arg=None):
+  a = configlib.parse_arg(arg, steps=600, batch=32, size=32, ch=16, k=1024, tiny=False)
+  c = tokenizer_base_config("vq_tiny")
+  c.tokenizer.overrides = dict(ch=a.ch, resolution=a.size, codebook_size=a.k)
+  c.tokenizer.disc_enabled = False
+  c.tokenizer.perceptual_weight = 0.0
+
+  use_digits_tokenizer_run(c, steps=a.steps, batch=a.batch, size=a.size)
+  if a.tiny:
+    c.train.num_steps, c.train.batch_size, c.train.log_every, c.train.ckpt_every = 4, 16, 2, 2
+    c.sample.num_samples = c.sample.batch_size = 16
+    c.data.image_size = 16
+    c.tokenizer.usage_window = 256
+    c.tokenizer.overrides = dict(ch=16, ch_mult=(1, 2), attn_resolutions=(), resolution=16,
+                                 codebook_size=64, z_channels=16)
+  return c
