@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # compilation, which is single-threaded, so two workers on two cores take ~2/3 of the time.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-slow install clean-demo
+.PHONY: demo demo-llamagen test test-slow install clean-demo
 
 install: $(STAMP)
 
@@ -34,6 +34,19 @@ demo: $(STAMP)
 	@echo "          $(DEMO_DIR)/kl/samples/grid_*.png (originals next to reconstructions)."
 	@echo "Metrics:  $(DEMO_DIR)/mar/eval/*.json (FD-clf, class accuracy, precision/recall) and"
 	@echo "          $(DEMO_DIR)/mar/eval/condition_error_*.png (denoising and condition SNR per timestep)."
+
+# The discrete chain on the same digits: the VQ tokenizer, its code cache, LlamaGen, samples, eval.
+VQ := --config configs/vq_digits.py --workdir $(DEMO_DIR)/vq
+LG := --config configs/llamagen_digits.py:vq=$(DEMO_DIR)/vq --workdir $(DEMO_DIR)/llamagen
+demo-llamagen: $(STAMP)
+	$(BIN)/python -m ardiff_jax.main $(VQ) --mode train
+	$(BIN)/python -m ardiff_jax.main $(VQ) --mode sample
+	$(BIN)/python -m ardiff_jax.main $(VQ) --mode cache
+	$(BIN)/python -m ardiff_jax.main $(LG) --mode train
+	$(BIN)/python -m ardiff_jax.main $(LG) --mode sample
+	$(BIN)/python -m ardiff_jax.main $(LG) --mode eval
+	@echo "Pictures: $(DEMO_DIR)/llamagen/samples/grid_*.png (one row per digit class); metrics:"
+	@echo "          $(DEMO_DIR)/llamagen/eval/*.json."
 
 # The layer contract (pyproject.toml, [tool.importlinter]) first: a broken contract fails the suite.
 test: $(STAMP)

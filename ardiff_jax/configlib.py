@@ -147,6 +147,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.cache.batch_size = 64
   c.cache.splits = ("train", "test")
   c.cache.use_ema = True
+  c.cache.ten_crop = False            # VQ codes: LlamaGen's ten crops per image instead of image + flip
+  c.cache.crop_range = 1.1            # ten_crop: centre crop to crop_range × image_size first
   return c
 
 

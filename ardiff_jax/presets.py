@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from ardiff_jax import configlib
+from ardiff_jax.methods import vq_tokenizer
 from ardiff_jax.methods.kl_tokenizer import tokenizer_config
 
 
@@ -29,15 +30,12 @@ def use_digits_tokenizer_run(c: ml_collections.ConfigDict, *, steps: int, batch:
   c.sample.num_samples = c.sample.batch_size = 64
 
 
-def use_cpu_run(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict, steps: int,
-                tiny: bool) -> None:
-  """Training and sampling sizes for a short CPU run (the digits demo, CIFAR-10 budget runs):
-  lr 1e-3 rather than 1e-4·B/256; samples from the raw weights, since an EMA of a run this short
-  still holds much of its initialisation (MAR's author: EMA needs ~100k steps); 50 DDPM steps, CFG 2;
-  x̂_0 clipped to ±5 while sampling (tokens have unit std and |x| < 3.1 in the cache): a head
-  trained for minutes is not exact enough at t ≈ T, where x̂_0 amplifies its error (MAR: no clip)."""
-  section.num_sampling_steps = "50"
-  section.clip_denoised = 5.0
+def use_short_cpu_run(c: ml_collections.ConfigDict, steps: int, tiny: bool) -> None:
+  """Training and sampling sizes for a short CPU run of a generator (the digits demos, CIFAR-10
+  budget runs): lr 1e-3 after 200 warmup steps rather than the papers' schedules; samples from the
+  raw weights, since an EMA of a run this short still holds much of its initialisation (MAR's
+  author: EMA needs ~100k steps); CFG 2; grids of 100 and evaluations of 1,000 samples. `tiny`:
+  three steps at batch 16, for the tests."""
   c.train.num_steps = steps
   c.train.log_every = 100
   c.train.ckpt_every = 1000
@@ -49,10 +47,19 @@ def use_cpu_run(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict
   c.sample.cfg_scale = 2.0
   c.eval.num_samples, c.eval.batch_size = 1000, 100
   if tiny:
-    section.num_sampling_steps = "5"
     c.train.num_steps, c.train.batch_size, c.train.log_every, c.train.ckpt_every = 3, 16, 1, 3
     c.sample.num_samples, c.sample.batch_size = 20, 16
     c.eval.num_samples, c.eval.batch_size = 40, 16
+
+
+def use_cpu_run(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict, steps: int,
+                tiny: bool) -> None:
+  """`use_short_cpu_run` for a DiffLoss generator, plus its sampler: 50 DDPM steps (tiny: 5), and
+  x̂_0 clipped to ±5 while sampling (tokens have unit std and |x| < 3.1 in the cache): a head
+  trained for minutes is not exact enough at t ≈ T, where x̂_0 amplifies its error (MAR: no clip)."""
+  use_short_cpu_run(c, steps, tiny)
+  section.num_sampling_steps = "5" if tiny else "50"
+  section.clip_denoised = 5.0
 
 
 def _use_cached_latents(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
@@ -137,6 +144,17 @@ def use_digits_condref(c: ml_collections.ConfigDict, mode: str) -> None:
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
+def use_imagenet_images(data: ml_collections.ConfigDict) -> None:
+  """ImageNet 256 from `tfds` imagenet2012 prepared by the user (data.path = its data_dir):
+  the training split and the 50,000 validation images, 1,000 classes, 8 reading workers."""
+  data.source = "tfds"
+  data.tfds_name = "imagenet2012"
+  data.eval_split = "validation"
+  data.image_size = 256
+  data.num_classes = 1000
+  data.num_workers = 8
+
+
 def use_imagenet_kl16(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict, *,
                       kl: str, cache: str, batch: int, epochs: int) -> None:
   """ImageNet 256 through MAR's KL-16 (×0.2325, patch 1: 256 tokens × 16) from cached moments,
@@ -175,3 +193,30 @@ def use_cifar_feature_net(f: ml_collections.ConfigDict) -> ml_collections.Config
                 blocks_per_stage=1, stem_stride=1, norm="batch", steps=9770, batch_size=128,
                 lr=2e-3, warmup_steps=300, max_shift=4, label_smoothing=0.1))
   return f
+
+
+def use_digits_codes(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
+                     tokenizer_workdir: str, tiny: bool, f: int = 4) -> None:
+  """Points a LlamaGen config at a `configs/vq_digits.py:f=<f>` run (the same tokenizer settings)
+  and its code cache; evaluation reads the digits images themselves (`eval.data`).
+
+  32 px digits -> 8×8 codes (f = 4) or 4×4 codes (f = 8) from 1,024 (tiny: the 16 px two-level
+  tokenizer, 8×8 codes from 64).
+  """
+  c.tokenizer = vq_tokenizer.tokenizer_config("vq_tiny")
+  c.tokenizer.overrides = dict(ch=16, resolution=32, codebook_size=1024)
+  if f == 8:
+    c.tokenizer.overrides.update(ch_mult=(1, 2, 2, 2), attn_resolutions=(4,))
+  section.tokenizer_workdir = tokenizer_workdir
+  c.data.source = "cached"
+  c.data.path = tokenizer_workdir + "/cache"
+  c.data.image_size = 32
+  c.data.random_flip = False               # digits are not mirror-symmetric: the image's own codes
+  c.eval.data = ml_collections.ConfigDict(configlib.base_config().data.to_dict())
+  c.eval.data.source = "digits"
+  c.eval.data.image_size = 32
+  c.eval.data.random_flip = False
+  if tiny:
+    c.tokenizer.overrides = dict(ch=16, ch_mult=(1, 2), attn_resolutions=(), resolution=16,
+                                 codebook_size=64, z_channels=16)
+    c.data.image_size = c.eval.data.image_size = 16

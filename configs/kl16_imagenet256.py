@@ -8,6 +8,7 @@ Data: `tfds` imagenet2012 prepared by the user (`--config.data.path=<tfds data_d
 """
 from ardiff_jax import configlib
 from ardiff_jax.methods.kl_tokenizer import tokenizer_base_config
+from ardiff_jax.presets import use_imagenet_images
 
 
 def get_config(arg=None):
@@ -15,12 +16,7 @@ def get_config(arg=None):
   c = tokenizer_base_config("kl16")
   c.tokenizer.latent_scale = 0.2325
 
-  c.data.source = "tfds"
-  c.data.tfds_name = "imagenet2012"
-  c.data.eval_split = "validation"
-  c.data.image_size = 256
-  c.data.num_classes = 1000
-  c.data.num_workers = 8
+  use_imagenet_images(c.data)
 
   c.train.num_steps = a.steps
   c.train.batch_size = a.batch

@@ -20,6 +20,9 @@ FIXTURE = os.path.join(REPO, "tests", "fixtures", "configs.json")
 VARIANTS = (
     ("kl_digits", "tiny"),
     ("vq_digits", "tiny"),
+    ("vq_digits", "f=4"),
+    ("llamagen_digits", "tiny"),
+    ("llamagen_imagenet256", "model=xl"),
     ("kl_cifar10", "preset=kl_tiny,disc=false"),
     ("mar_digits", "tiny"),
     ("mar_digits", "condref=runtime"),

@@ -129,17 +129,31 @@ def _decode_image(index: int, record: dict[str, Any], *, image_size: int,
   return {"image": image, "label": record["label"]}
 
 
-def _select_moments(index: int, record: dict[str, Any], *, flip_seed: int | None) -> dict[str, Any]:
-  """Cached record -> {"moments": f32 [h, w, 2C], "label"}: the flip variant with p = 0.5."""
-  use_flip = flip_seed is not None and flip_coin(flip_seed, index)
-  return {"moments": record["moments_flip" if use_flip else "moments"], "label": record["label"]}
+def _select_view(index: int, record: dict[str, Any], *, flip_seed: int | None) -> dict[str, Any]:
+  """Cached record -> {"moments": f32 [h, w, 2C] | "codes": int [h, w], "label"}: in training one
+  of its views at random (the mirror image with p = 0.5; one of V codes views uniformly), else
+  the first (the image itself)."""
+  if "moments" in record:
+    use_flip = flip_seed is not None and flip_coin(flip_seed, index)
+    return {"moments": record["moments_flip" if use_flip else "moments"], "label": record["label"]}
+  views = record["codes"].shape[0]
+  if flip_seed is None or views == 1:
+    view = 0
+  elif views == 2:
+    view = int(flip_coin(flip_seed, index))
+  else:
+    view = int(np.random.default_rng([_FLIP_SALT, flip_seed % 2**32, index]).integers(views))
+  return {"codes": record["codes"][view], "label": record["label"]}
 
 
 def _finalize_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Stacked batch -> contract dtypes: image f32 [b, S, S, 3] in [-1, 1], label int32 [b]."""
+  """Stacked batch -> contract dtypes: image f32 [b, S, S, 3] in [-1, 1] (or moments f32, codes
+  int32), label int32 [b]."""
   out = {"label": np.asarray(batch["label"], dtype=np.int32)}
   if "image" in batch:
     out["image"] = transforms.to_unit_range(batch["image"])
+  elif "codes" in batch:
+    out["codes"] = np.asarray(batch["codes"], dtype=np.int32)
   else:
     out["moments"] = np.asarray(batch["moments"], dtype=np.float32)
   return out
@@ -249,7 +263,7 @@ def _global_map_dataset(data_cfg, source, *, seed: int, train: bool) -> grain.Ma
     ds = ds.shuffle(seed=seed % 2**32).repeat()
   flip_seed = seed if (train and data_cfg.random_flip) else None
   if data_cfg.source == "cached":
-    decode = functools.partial(_select_moments, flip_seed=flip_seed)
+    decode = functools.partial(_select_view, flip_seed=flip_seed)
   else:
     decode = functools.partial(_decode_image, image_size=data_cfg.image_size, flip_seed=flip_seed)
   return ds.map_with_index(decode)
@@ -297,7 +311,8 @@ def make_dataset(data_cfg, *, split: str, seed: int, batch_size: int, train: boo
   """Per-process batches of `split` as a grain IterDataset (iterators checkpointable).
 
   Yields {"image": f32 [B, S, S, 3] in [-1, 1], "label": int32 [B]} for image sources,
-  {"moments": f32 [B, h, w, 2C], "label": int32 [B]} for the cached source.
+  {"moments": f32 [B, h, w, 2C] | "codes": int32 [B, h, w], "label": int32 [B]} for the cached
+  source (codes: one of each record's views in training, the first otherwise).
   `batch_size` B is per process. train=True: seeded shuffle, infinite repeat,
   random flip (if data_cfg.random_flip), full batches only. train=False: dataset
   order, one pass, no flip, last batch may be short. Unreadable images are dropped

@@ -6,6 +6,8 @@ Each source returns one record (a dict) per index; the pipeline decodes it:
   FolderSource  {"path": str, "label": int}                  (decoded lazily)
   TfdsSource    {"image": uint8 array or encoded bytes, "label": int, "key": str}
   CachedSource  {"moments": f32 [h, w, 2C], "moments_flip": f32 [h, w, 2C], "label": int}
+                (continuous tokenizers) or {"codes": int [V, h, w], "label": int} (VQ tokenizers:
+                V views of the image, e.g. it and its mirror image, or LlamaGen's ten crops)
 
 `decode_image_record` turns an image record into uint8 [S, S, 3] (ADM center crop).
 No TensorFlow is imported: tfds is used only through `tfds.data_source`, and it is
@@ -282,7 +284,10 @@ def encode_cached_record(moments: np.ndarray, moments_flip: np.ndarray, label: i
 
 
 def decode_cached_record(data: bytes) -> dict[str, Any]:
-  """Inverse of `encode_cached_record`; a clear error for records of another format."""
+  """Inverse of `encode_cached_record` and `encode_codes_record`; a clear error for records of
+  another format."""
+  if data[:len(_CODES_MAGIC)] == _CODES_MAGIC:
+    return decode_codes_record(data)
   if len(data) < _CACHED_HEADER.size or data[:len(_CACHED_MAGIC)] != _CACHED_MAGIC:
     raise ValueError("not an ardiff_jax cache record (unknown format or an older cache); "
                      "rewrite the cache with --mode cache")
@@ -295,8 +300,37 @@ def decode_cached_record(data: bytes) -> dict[str, Any]:
           "label": int(label)}
 
 
+_CODES_MAGIC = b"ADJQ1"
+_CODES_HEADER = struct.Struct("<5s4Iq")   # magic, views V, h, w, bytes per code, label
+
+
+def code_dtype(codebook_size: int) -> np.dtype:
+  """int16 for codebooks of up to 32,768 entries (VQ-16's 16,384), else int32 (little-endian)."""
+  return np.dtype("<i2") if codebook_size <= 2**15 else np.dtype("<i4")
+
+
+def encode_codes_record(codes: np.ndarray, label: int) -> bytes:
+  """One record of VQ codes: a fixed header (magic, V, h, w, bytes per code, label) then the codes
+  [V, h, w] as little-endian int16 or int32, whichever `codes` holds."""
+  codes = np.asarray(codes)
+  if codes.ndim != 3 or codes.dtype.kind not in "iu" or codes.dtype.itemsize not in (2, 4):
+    raise ValueError(f"codes must be int16 or int32 [views, h, w]; got {codes.dtype} {codes.shape}")
+  codes = codes.astype(f"<i{codes.dtype.itemsize}")
+  return _CODES_HEADER.pack(_CODES_MAGIC, *codes.shape, codes.dtype.itemsize, int(label)) + codes.tobytes()
+
+
+def decode_codes_record(data: bytes) -> dict[str, Any]:
+  """Inverse of `encode_codes_record`: {"codes": int [V, h, w], "label": int}."""
+  _, v, h, w, size, label = _CODES_HEADER.unpack_from(data)
+  body = np.frombuffer(data, dtype=f"<i{size}", offset=_CODES_HEADER.size)
+  if body.size != v * h * w:
+    raise ValueError(f"truncated codes record: expected {v * h * w} codes, found {body.size}")
+  return {"codes": body.reshape(v, h, w), "label": int(label)}
+
+
 def write_cached_shard(filename: str, records: Iterable[Mapping[str, Any]]) -> int:
-  """Writes dicts with `moments`, `moments_flip`, `label` to one ArrayRecord shard.
+  """Writes dicts with `moments`, `moments_flip`, `label` (or `codes`, `label`) to one ArrayRecord
+  shard.
 
   Returns the number of records written. Uses group_size:1 (random access).
   """
@@ -306,7 +340,10 @@ def write_cached_shard(filename: str, records: Iterable[Mapping[str, Any]]) -> i
   count = 0
   try:
     for record in records:
-      writer.write(encode_cached_record(record["moments"], record["moments_flip"], record["label"]))
+      if "codes" in record:
+        writer.write(encode_codes_record(record["codes"], record["label"]))
+      else:
+        writer.write(encode_cached_record(record["moments"], record["moments_flip"], record["label"]))
       count += 1
   finally:
     writer.close()
@@ -314,7 +351,7 @@ def write_cached_shard(filename: str, records: Iterable[Mapping[str, Any]]) -> i
 
 
 class CachedSource:
-  """Tokenizer moments cached as ArrayRecord: records are decoded `np.savez` dicts."""
+  """Tokenizer moments or codes cached as ArrayRecord, decoded per record."""
 
   def __init__(self, root: str, split: str):
     import grain  # pylint: disable=g-import-not-at-top

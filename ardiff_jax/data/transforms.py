@@ -98,6 +98,25 @@ def hflip(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.flip(x, axis=-2))
 
 
+def five_crop_offsets(size: int, crop: int) -> list[tuple[int, int]]:
+  """(top, left) of torchvision's FiveCrop on a square `size` image: the four corners, then the
+  centre (rounded as torchvision rounds it)."""
+  centre = int(round((size - crop) / 2.0))
+  far = size - crop
+  return [(0, 0), (0, far), (far, 0), (far, far), (centre, centre)]
+
+
+def ten_crop(images: np.ndarray, crop: int) -> np.ndarray:
+  """torchvision's TenCrop of square images [..., S, S, C] -> [..., 10, crop, crop, C]: the five
+  crops of the image, then the five crops of its mirror image (LlamaGen's code extraction)."""
+  images = np.asarray(images)
+  crops = []
+  for source in (images, np.flip(images, axis=-2)):
+    for top, left in five_crop_offsets(images.shape[-2], crop):
+      crops.append(source[..., top:top + crop, left:left + crop, :])
+  return np.stack(crops, axis=-4)
+
+
 def upsample_uint8(images: np.ndarray, image_size: int, resample: int) -> np.ndarray:
   """uint8 [B, h, w] grayscale -> uint8 [B, S, S, 3], resized with PIL `resample`."""
   out = np.empty((images.shape[0], image_size, image_size, 3), dtype=np.uint8)

@@ -35,6 +35,8 @@ class Method:
       `grid_columns` int and optional scalar metrics: what `--mode sample` writes.
     encode: (params, images [B,H,W,C] in [-1,1]) -> moments/codes: what `--mode cache` stores
       (tokenizers only).
+    codebook_size: K for a VQ tokenizer, whose `encode` returns int codes [B,h,w] in [0, K); 0
+      for continuous tokenizers (and every other method).
     generate: (params, frozen, batch, rng) -> uint8 images [B,H,W,3]: what `--mode eval` and, for
       generators, `--mode sample` produce. `frozen` is what `load_frozen` returned (None if absent).
       With generate_from="labels" the batch holds class-balanced `label` int32 [B]; with
@@ -52,6 +54,9 @@ class Method:
       (DiffLoss generators), else None.
     loss_reads_ema: when True the engine calls loss_fn(..., ema_params=<the EMA weights>) (read
       only, e.g. as a teacher).
+    check_batch: (a host batch of the training data, NumPy) -> None, raising ValueError with the
+      fix when the data does not fit the method (e.g. codes of another tokenizer); the engine
+      calls it on a first batch before anything is written.
   """
   name: str
   model: Any
@@ -62,6 +67,7 @@ class Method:
   init_extras: Callable[[jax.Array], dict] = lambda rng: {}
   visualize: Callable[..., dict] | None = None
   encode: Callable[..., jax.Array] | None = None
+  codebook_size: int = 0
   generate: Callable[..., jax.Array] | None = None
   generate_from: str = "labels"
   load_frozen: Callable[[], PyTree] | None = None
@@ -69,6 +75,24 @@ class Method:
   sampling_params: Callable[[PyTree, dict], PyTree] = lambda params, extras: params
   condition_probe: Any = None
   loss_reads_ema: bool = False
+  check_batch: Callable[[dict], None] | None = None
+
+
+def frozen_run_loader(workdir: str, part: str, field: str, kind: str):
+  """A `Method.load_frozen` that reads `params[part]` of the run at `workdir` (e.g. a tokenizer's
+  autoencoder), with errors naming the config `field` and the `kind` of run expected."""
+
+  def load(restore_run_params):
+    if not workdir:
+      raise ValueError(f"{field} is empty: point it at the {kind} run whose decoder turns tokens "
+                       "into images")
+    params = restore_run_params(workdir)
+    if part not in params:
+      raise ValueError(f"{field}={workdir!r} is not a {kind} run: its parameters hold "
+                       f"{sorted(params)}, not {part!r}")
+    return params[part]
+
+  return load
 
 
 # Method name (config.method) -> its module in this package. Modules are imported on first use,
@@ -79,6 +103,7 @@ METHODS: dict[str, str] = {
     "feature_classifier": "feature_classifier",
     "mar": "mar",
     "ar_diffusion": "ar_diffusion",
+    "llamagen": "llamagen",
 }
 
 

@@ -15,7 +15,7 @@ import ml_collections
 
 from ardiff_jax import configlib
 from ardiff_jax.data.cache import latent_scale_from_cache
-from ardiff_jax.methods import kl_tokenizer
+from ardiff_jax.methods import frozen_run_loader, kl_tokenizer
 from ardiff_jax.methods.condref import condref_config
 from ardiff_jax.models.layers import matrix_like
 from ardiff_jax.models.mar import patchify, unpatchify
@@ -109,16 +109,10 @@ def tokenizer_init(config: ml_collections.ConfigDict):
 
 
 def tokenizer_loader(tokenizer_workdir: str):
-  """`Method.load_frozen`: (the engine's restore_run_params) -> the tokenizer run's autoencoder
-  params, restored from that run's own config and checkpoint."""
-
-  def load(restore_run_params):
-    if not tokenizer_workdir:
-      raise ValueError("tokenizer_workdir is empty: point it at the tokenizer run whose decoder "
-                       "turns tokens into images (e.g. workdirs/demo/kl)")
-    return restore_run_params(tokenizer_workdir)["ae"]
-
-  return load
+  """`Method.load_frozen`: the KL tokenizer run's autoencoder params, restored from that run's own
+  config and checkpoint (a VQ run is refused: its codes feed method=llamagen)."""
+  return frozen_run_loader(tokenizer_workdir, "ae", "tokenizer_workdir",
+                           "KL tokenizer (configs/kl_*.py)")
 
 
 def no_decay_in_head(params):

@@ -77,15 +77,19 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
       metrics.update(g_loss=g_loss, d_loss=d_loss)
     return loss, metrics, {**extras, USAGE_KEY: usage}
 
+  def encode(params, images):
+    """What `--mode cache` stores: codes int32 [B,h,w]."""
+    return vq.apply({"params": params["vq"]}, images, method=vq.encode_codes)
+
   def reconstruct(params, x):
     """[B,H,W,3] in [-1, 1] -> decode(codes(x)), clipped to [-1, 1]."""
-    ids = vq.apply({"params": params["vq"]}, x, method=vq.encode_codes)
+    ids = encode(params, x)
     return jnp.clip(vq.apply({"params": params["vq"]}, ids, method=vq.decode_codes), -1, 1)
 
   generate, visualize = rec_lib.reconstruction_views(reconstruct)
   return Method(name="vq_tokenizer", model=vq, init_params=init_params, init_extras=init_extras,
                 loss_fn=loss_fn, batch_keys=("image",), visualize=visualize, generate=generate,
-                generate_from="images")
+                generate_from="images", encode=encode, codebook_size=vq.codebook_size)
 
 
 def tokenizer_config(preset: str = "vq_tiny") -> ml_collections.ConfigDict:

@@ -1,7 +1,10 @@
-"""LlamaGen's class-conditional GPT (reference/llamagen_star.md §1.2), here over continuous tokens.
+"""LlamaGen's class-conditional GPT (reference/llamagen_star.md §1.2), over VQ codes or continuous tokens.
 
 Sequence: [class token, x_1 … x_{L−1}] (teacher forcing); the hidden state at position i is the
-condition for token i (a DiffLoss head for continuous tokens, logits for VQ codes).
+condition for token i: with `vocab_size` > 0 (LlamaGen) the tokens are codes, embedded by a
+`tok_embeddings` table [V, D] and predicted by the bias-free, zero-initialised `output` layer
+(logits [B, L, V]); with `vocab_size` = 0 they are continuous [B, L, C], embedded by a linear
+layer and modelled by MAR's DiffLoss head (the condition-refinement paper's "GPT").
 Block (Llama): h += Drop(W_o · Attn(RoPE₂D(RMSNorm(h)))), h += Drop(W₂(SiLU(W₁ x) ⊙ W₃ x)) with
 x = RMSNorm(h); RMSNorm eps 1e-5 in float32; bias-free projections, fused W_qkv; SwiGLU hidden
 int(2·4D/3) rounded up to a multiple of 256. 2D RoPE: half of each head's pairs rotate with the
@@ -41,6 +44,7 @@ PRESETS: dict[str, dict] = {
     "gpt_l": dict(depth=24, width=1024, num_heads=16, head_depth=8, head_width=1280),
     "gpt_xl": dict(depth=36, width=1280, num_heads=20, head_depth=12, head_width=1536),
     "gpt_xxl": dict(depth=48, width=1536, num_heads=24, head_depth=12, head_width=1536),
+    "gpt_3b": dict(depth=24, width=3200, num_heads=32, head_depth=12, head_width=1536),
     # CPU sizes (ours).
     "gpt_small": dict(depth=4, width=128, num_heads=4, head_depth=2, head_width=128),
     "gpt_tiny": dict(depth=1, width=32, num_heads=2, head_depth=1, head_width=32),
@@ -140,10 +144,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-  """Continuous-token GPT: (tokens [B, L, C], labels [B]) -> conditions [B, L, D] for the head."""
-  token_dim: int
+  """(tokens [B, L] int codes | [B, L, C] floats, labels [B]) -> conditions [B, L, D]; `logits`
+  (codes) or `head` (continuous) turns them into predictions."""
+  token_dim: int                 # C of continuous tokens (unused for codes)
   seq_len: int
   num_classes: int
+  vocab_size: int = 0            # > 0: VQ codes in [0, V) (LlamaGen); 0: continuous tokens
   width: int = 768
   depth: int = 12
   num_heads: int = 12
@@ -156,14 +162,24 @@ class GPT(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    self.diffloss = SimpleMLPAdaLN(self.token_dim, self.head_width, self.head_depth, self.dtype)
+    if self.vocab_size and self.random_order:
+      raise ValueError("random_order is implemented for continuous tokens only")
+    if not self.vocab_size:
+      self.diffloss = SimpleMLPAdaLN(self.token_dim, self.head_width, self.head_depth, self.dtype)
     if self.random_order:
       self.target_pos_embed = self.param(
           "target_pos_embed", nn.with_logical_partitioning(_init, ("length", "embed")),
           (self.seq_len, self.width))
     self.cls_embedding = nn.Embed(self.num_classes + 1, self.width, name="cls_embedding",
                                   embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
-    self.tok_embeddings = _dense(self.width, (None, "embed"), "tok_embeddings", self.dtype)
+    if self.vocab_size:
+      self.tok_embeddings = nn.Embed(
+          self.vocab_size, self.width, name="tok_embeddings",
+          embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
+      self.output = vit.dense(self.vocab_size, ("embed", "vocab"), "output", self.dtype,
+                              use_bias=False, init=nn.initializers.zeros_init())
+    else:
+      self.tok_embeddings = _dense(self.width, (None, "embed"), "tok_embeddings", self.dtype)
     kwargs = dict(width=self.width, num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype)
     if self.scan_layers:   # per layer: rope, cache index and flag broadcast, the KV cache sliced
       self.layers = layers.scanned_stack(Block, kwargs, self.depth, self.remat,
@@ -184,8 +200,9 @@ class GPT(nn.Module):
     return self.tok_dropout(x, deterministic=deterministic)
 
   def __call__(self, tokens, labels, deterministic: bool = True, order=None):
-    """Teacher forcing: tokens [B, L, C] -> z [B, L, D] in grid order, z_p conditioning token p on
-    the tokens before it in `order` [B, L] (a permutation per image; None = raster)."""
+    """Teacher forcing: tokens [B, L] (codes) or [B, L, C] -> z [B, L, D] float32 in grid order,
+    z_p conditioning token p on the tokens before it in `order` [B, L] (a permutation per image;
+    None = raster)."""
     if order is None:
       x = self.embed(tokens[:, :-1], labels, deterministic)
       rope = self.rope[: x.shape[1]]
@@ -226,8 +243,15 @@ class GPT(nn.Module):
     """The DiffLoss MLP: (x_t [N, C], t [N], z [N, D]) -> [N, 2C]."""
     return self.diffloss(x_t, t, z)
 
+  def logits(self, z):
+    """Next-code logits [..., V] (float32) from conditions z [..., D] (codes only)."""
+    return self.output(z).astype(jnp.float32)
+
   def init_all(self, batch: int = 1):
-    z = self(jnp.zeros((batch, self.seq_len, self.token_dim)), jnp.zeros((batch,), jnp.int32))
+    labels = jnp.zeros((batch,), jnp.int32)
+    if self.vocab_size:
+      return self.logits(self(jnp.zeros((batch, self.seq_len), jnp.int32), labels))
+    z = self(jnp.zeros((batch, self.seq_len, self.token_dim)), labels)
     return self.head(jnp.zeros((batch, self.token_dim)), jnp.zeros((batch,), jnp.int32), z[:, 0])
 
   def init_cache(self, batch: int, dtype=jnp.float32):
@@ -254,4 +278,7 @@ class GPT(nn.Module):
     return self.cls_embedding(labels)[:, None].astype(jnp.float32)
 
   def embed_tokens(self, tokens):
+    """tokens [B, T] int codes or [B, T, C] -> embeddings [B, T, D] float32."""
+    if self.vocab_size:
+      return self.tok_embeddings(tokens).astype(jnp.float32)
     return self.tok_embeddings(tokens.astype(self.dtype)).astype(jnp.float32)

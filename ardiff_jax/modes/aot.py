@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from ardiff_jax.methods import latent_tokens
+from ardiff_jax.methods import latent_tokens, llamagen
 from ardiff_jax.modes import bench
 from ardiff_jax.parallel import sharding as shd
 from ardiff_jax.train.experiment import build_experiment
@@ -55,6 +55,9 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_keys, mesh) -> dict:
     ae = latent_tokens.build_autoencoder(config)
     side = size // 2 ** (len(ae.enc_ch_mult) - 1)
     shapes["moments"] = ((b, side, side, 2 * ae.embed_dim), jnp.float32)
+  if "codes" in batch_keys:
+    side, _, _ = llamagen.code_geometry(config)
+    shapes["codes"] = ((b, side, side), jnp.int32)
   data = shd.batch_sharding(mesh)
   out = {}
   for k in batch_keys:

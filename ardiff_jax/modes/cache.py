@@ -1,5 +1,5 @@
-"""`--mode cache`: encode every image of `cache.splits` (and its mirror image) with a trained
-tokenizer run and write the records that `data.source=cached` reads (data/cache.py)."""
+"""`--mode cache`: encode every image of `cache.splits` (and its mirror image, or its ten crops)
+with a trained tokenizer run and write the records that `data.source=cached` reads (data/cache.py)."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
     raise ValueError(f"--mode cache needs a tokenizer method; config.method={config.method!r} "
                      "has no encoder")
   out_dir = config.cache.dir or os.path.join(workdir, "cache")
-  counts = {split: cache_split(exp.method.encode, params, config, split, out_dir)
+  counts = {split: cache_split(exp.method.encode, params, config, split, out_dir,
+                              codebook_size=exp.method.codebook_size)
             for split in config.cache.splits}
-  print(f"cached tokenizer step {step} posteriors to {out_dir}: {counts}")
+  what = "codes" if exp.method.codebook_size else "posteriors"
+  print(f"cached tokenizer step {step} {what} to {out_dir}: {counts}")
   return counts

@@ -46,6 +46,30 @@ def train_data_iter(config: ml_collections.ConfigDict, reseed: int = 0):
   return iter(ds)
 
 
+# What each batch key is made by, for the message when a method's key is missing.
+_KEY_SOURCES = {"image": "an image source (digits, folder, tfds)",
+                "moments": "the cache of a KL tokenizer run (--mode cache of configs/kl_*.py)",
+                "codes": "the cache of a VQ tokenizer run (--mode cache of configs/vq_*.py)"}
+
+
+def check_first_batch(exp: Experiment) -> None:
+  """Reads a first small batch of the training split (a separate, unshuffled stream, so the
+  training stream is untouched) and refuses data that does not fit the method: a missing batch
+  key (e.g. KL latents given to a method over VQ codes) or what `Method.check_batch` rejects."""
+  config = exp.config
+  ds = pipeline.make_dataset(config.data, split=config.data.train_split, seed=config.seed,
+                             batch_size=min(8, config.train.batch_size), train=False)
+  batch = next(iter(ds))
+  missing = [k for k in exp.method.batch_keys if k not in batch]
+  if missing:
+    need = "; ".join(f"{k!r} comes from {_KEY_SOURCES.get(k, 'another source')}" for k in missing)
+    raise pipeline.DataError(
+        f"method {config.method!r} reads {list(exp.method.batch_keys)}, but data.source="
+        f"{config.data.source!r} at data.path={config.data.path!r} yields {sorted(batch)}: {need}")
+  if exp.method.check_batch is not None:
+    exp.method.check_batch(batch)
+
+
 def restore_or_init(exp: Experiment, manager, data_iter=None) -> tuple[TrainState, int]:
   if manager.latest_step() is not None:
     return checkpoint.restore_newest_readable(manager, exp.abstract_state, data_iter)
@@ -102,6 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   exp = build_experiment(config)       # validates the config
   data_iter = train_data_iter(config)  # checks the data source (paths, classes, readable images)
+  check_first_batch(exp)               # checks that the data fits the method
   # Only now is anything written: a start that fails above leaves the workdir untouched.
   write_config(config, workdir)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)

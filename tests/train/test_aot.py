@@ -42,3 +42,14 @@ def test_tiny_mar_compiles_for_a_v5e_slice_and_fsdp_shards_the_state(tmp_path):
   assert fsdp["flops_per_step"] == pytest.approx(data["flops_per_step"], rel=0.2)
   with open(os.path.join(tmp_path, "aot", "v5e_2x2.json")) as f:
     assert json.load(f)["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+
+
+def test_abstract_batch_of_llamagen_is_its_code_grid():
+  """The shape-only batch `--mode aot` compiles a LlamaGen step with: the VQ tokenizer's grid."""
+  from ardiff_jax.modes import aot  # pylint: disable=g-import-not-at-top
+  from ardiff_jax.train.experiment import build_experiment  # pylint: disable=g-import-not-at-top
+  config = load_config("llamagen_digits", "tiny")
+  exp = build_experiment(config)
+  batch = aot.abstract_batch(config, exp.method.batch_keys, exp.mesh)
+  assert batch["codes"].shape == (16, 8, 8) and batch["codes"].dtype == "int32"
+  assert batch["label"].shape == (16,)

@@ -1,0 +1,136 @@
+"""LlamaGen's class-conditional GPT over VQ codes (Sun et al. 2024; reference/llamagen_star.md §1.2–1.4).
+
+For cached codes x [B, h, w] of a VQ tokenizer run, flattened in raster order to x_1 … x_L:
+  labels  = the class, replaced by the null class (row num_classes) with probability label_drop
+  z       = GPT([cls, x_1 … x_{L−1}])           (token-embedding, residual and FFN dropout 0.1)
+  L       = mean_i CE(softmax(W_out z_i), x_i)   (W_out bias-free, zero-initialised)
+Optimisation (LlamaGen `train_c2i.py`): AdamW(0.9, 0.95), weight decay 0.05 on ≥ 2-D tensors,
+global-norm clip 1.0, constant lr 1e-4·B/256 without warmup, EMA optional (off: samples from the
+raw weights). Sampling: `sampling/llamagen.py` (KV cache, CFG in logit space, top-k / top-p).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ardiff_jax import configlib
+from ardiff_jax.methods import Method, frozen_run_loader
+from ardiff_jax.methods import reconstruction as rec_lib
+from ardiff_jax.methods import vq_tokenizer
+from ardiff_jax.models import gpt as gpt_lib
+from ardiff_jax.sampling.llamagen import sample_codes
+
+
+def llamagen_config(preset: str = "gpt_b") -> ml_collections.ConfigDict:
+  """Defaults of the `llamagen` config section (LlamaGen's c2i recipe)."""
+  g = ml_collections.ConfigDict()
+  g.preset = preset
+  g.overrides = ml_collections.ConfigDict()   # GPT fields to change in the preset (e.g. dropout)
+  g.label_drop = 0.1
+  g.tokenizer_workdir = ""        # the VQ tokenizer run whose decoder turns codes into images
+  g.cfg_interval = -1             # ≥ 0: decode steps after this index run without guidance
+  g.temperature = 1.0
+  g.top_k = 0                     # 0: all codes
+  g.top_p = 1.0
+  g.remat = "none"                # transformer blocks: models.layers.REMAT_POLICIES
+  g.scan_layers = False
+  return g
+
+
+def llamagen_base_config(preset: str, batch_size: int) -> ml_collections.ConfigDict:
+  """A full LlamaGen config with the paper's optimisation; dataset configs set the VQ tokenizer
+  section (`tokenizer`), the code cache (`data.path`), the steps and the sampling scale."""
+  c = configlib.base_config()
+  c.method = "llamagen"
+  c.llamagen = llamagen_config(preset)
+  c.tokenizer = vq_tokenizer.tokenizer_config("vq16")
+  c.train.batch_size = batch_size
+  c.train.ema_decay = 0.9999
+  c.sample.use_ema = False
+  c.optim.lr = 1e-4 * batch_size / 256
+  c.optim.b1, c.optim.b2 = 0.9, 0.95
+  c.optim.weight_decay = 0.05
+  c.optim.grad_clip_norm = 1.0
+  c.optim.schedule = "constant"
+  c.data.source = "cached"
+  return c
+
+
+def code_geometry(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(codes per side h, sequence length L = h², vocabulary V) of the configured VQ tokenizer."""
+  vq = vq_tokenizer.build_vq(config.tokenizer)
+  if config.data.image_size % vq.stride:
+    raise ValueError(f"data.image_size={config.data.image_size} is not a multiple of the VQ "
+                     f"tokenizer's stride {vq.stride}")
+  side = config.data.image_size // vq.stride
+  return side, side * side, vq.codebook_size
+
+
+def build_model(config: ml_collections.ConfigDict) -> gpt_lib.GPT:
+  g = config.llamagen
+  _, seq_len, vocab = code_geometry(config)
+  return gpt_lib.make_gpt(g.preset, token_dim=0, seq_len=seq_len, vocab_size=vocab,
+                          num_classes=config.data.num_classes, remat=g.remat,
+                          scan_layers=g.scan_layers, dtype=jnp.dtype(config.train.compute_dtype),
+                          **configlib.overrides(g))
+
+
+def make_method(config: ml_collections.ConfigDict) -> Method:
+  g = config.llamagen
+  model = build_model(config)
+  side, seq_len, vocab = code_geometry(config)
+  vq = vq_tokenizer.build_vq(config.tokenizer)
+  null = config.data.num_classes
+
+  def init_params(rng):
+    return model.init(rng, method=gpt_lib.GPT.init_all)["params"]
+
+  def loss_fn(params, batch, rng, step, extras):
+    del step
+    r_drop, r_dropout = jax.random.split(rng)
+    codes = batch["codes"].reshape(-1, seq_len)
+    drop = jax.random.uniform(r_drop, codes.shape[:1]) < g.label_drop
+    labels = jnp.where(drop, null, batch["label"])
+    apply = lambda *a, **kw: model.apply({"params": params}, *a, **kw)
+    z = apply(codes, labels, deterministic=False, rngs={"dropout": r_dropout})
+    logits = apply(z, method=gpt_lib.GPT.logits)                           # [B, L, V]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, codes).mean()
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == codes)
+    return loss, {"code_accuracy": accuracy}, extras
+
+  def check_batch(batch):
+    """Host-side check of a first batch: codes of this tokenizer's grid and vocabulary."""
+    codes = np.asarray(batch["codes"])
+    if codes.dtype.kind not in "iu":
+      raise ValueError(f"llamagen reads integer codes; the cache holds {codes.dtype} values")
+    if codes.shape[1:] != (side, side):
+      raise ValueError(f"the cached codes are {codes.shape[1:]} grids, but the VQ tokenizer at "
+                       f"data.image_size={config.data.image_size} gives {side}×{side}: cache with "
+                       "the tokenizer run named in llamagen.tokenizer_workdir")
+    if codes.min() < 0 or codes.max() >= vocab:
+      raise ValueError(f"cached codes span [{codes.min()}, {codes.max()}] but the VQ tokenizer has "
+                       f"{vocab} codes (tokenizer.preset={config.tokenizer.preset!r}): cache with "
+                       "the tokenizer run named in llamagen.tokenizer_workdir")
+
+  def generate(params, frozen, batch, rng):
+    """Class-conditional samples: labels [B] -> uint8 images [B, H, W, 3]."""
+    codes = sample_codes(model, params, batch["label"], rng, cfg_scale=float(config.sample.cfg_scale),
+                         cfg_interval=int(g.cfg_interval), temperature=float(g.temperature),
+                         top_k=int(g.top_k), top_p=float(g.top_p))
+    images = vq.apply({"params": frozen}, codes.reshape(-1, side, side), method=vq.decode_codes)
+    return rec_lib.to_uint8(jnp.clip(images, -1, 1))
+
+  def init_frozen(rng):
+    size = config.data.image_size
+    return nn.meta.unbox(vq.init(rng, jnp.zeros((1, size, size, 3)))["params"])
+
+  return Method(name="llamagen", model=model, init_params=init_params, loss_fn=loss_fn,
+                batch_keys=("codes", "label"), generate=generate, generate_from="labels",
+                load_frozen=frozen_run_loader(g.tokenizer_workdir, "vq", "llamagen.tokenizer_workdir",
+                                              "VQ tokenizer (configs/vq_*.py)"),
+                init_frozen=init_frozen,
+                check_batch=check_batch)
