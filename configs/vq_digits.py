@@ -4,7 +4,7 @@ vq_tiny (ours) at width 16 (as the KL demo tokenizer): LlamaGen's VQ architectur
 -> 4×4 codes; the digits are 8×8 images upsampled, so a code covers 2×2 of their pixels) or f = 4
 (8×8 codes), K = 1024 codes of 8 dims, l2-normalised; l2 + codebook + commitment losses, no GAN
 (a minutes-long run), no LPIPS (its weights are not bundled). Adam(0.9, 0.95), lr 1e-3 with 100
-warmup steps. f = 8 is the default: LlamaGen on its 16 codes trains 4× faster per step and its
+warmup steps. f = 8 is the default: LlamaGen on its 16 codes trains 4.5× faster per step and its
 samples score better than on the f = 4 codes at the same budget (README).
 Args: steps, batch, size (image side), ch (base width), k (codebook size), f (4 | 8), tiny (a
 seconds-long smoke run on a 16 px, two-level model, used by tests).

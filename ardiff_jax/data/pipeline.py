@@ -306,8 +306,17 @@ def _ensure_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def open_source(data_cfg, split: str, seed: int):
+  """`make_source`, then the checks every reader of it needs: the class count against
+  `data.num_classes` and a split that has readable images."""
+  source = make_source(data_cfg, split, seed)
+  check_num_classes(data_cfg, source, split)
+  check_images_readable(data_cfg, source, split)
+  return source
+
+
 def make_dataset(data_cfg, *, split: str, seed: int, batch_size: int, train: bool,
-                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                 process_index: int = 0, process_count: int = 1, source=None) -> grain.IterDataset:
   """Per-process batches of `split` as a grain IterDataset (iterators checkpointable).
 
   Yields {"image": f32 [B, S, S, 3] in [-1, 1], "label": int32 [B]} for image sources,
@@ -316,15 +325,15 @@ def make_dataset(data_cfg, *, split: str, seed: int, batch_size: int, train: boo
   `batch_size` B is per process. train=True: seeded shuffle, infinite repeat,
   random flip (if data_cfg.random_flip), full batches only. train=False: dataset
   order, one pass, no flip, last batch may be short. Unreadable images are dropped
-  and counted (`num_skipped_images()`).
+  and counted (`num_skipped_images()`). `source`: the split's `open_source(data_cfg, split, seed)`
+  when the caller already opened it (a folder listing is not repeated).
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}.")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
-  source = make_source(data_cfg, split, seed)
-  check_num_classes(data_cfg, source, split)
-  check_images_readable(data_cfg, source, split)
+  if source is None:
+    source = open_source(data_cfg, split, seed)
   ds = _global_map_dataset(data_cfg, source, seed=seed, train=train)
   ds = ds[process_index::process_count]
   num_workers = int(data_cfg.num_workers)

@@ -15,7 +15,7 @@ import ml_collections
 
 from ardiff_jax import configlib
 from ardiff_jax.data.cache import latent_scale_from_cache
-from ardiff_jax.methods import frozen_run_loader, kl_tokenizer
+from ardiff_jax.methods import frozen_run_loader, kl_tokenizer, reconstruction
 from ardiff_jax.methods.condref import condref_config
 from ardiff_jax.models.layers import matrix_like
 from ardiff_jax.models.mar import patchify, unpatchify
@@ -96,7 +96,7 @@ def make_decoder(config: ml_collections.ConfigDict, scale: float, patch_size: in
   def decode(frozen, tokens):
     latents = unpatchify(tokens, patch_size, ae.embed_dim) / scale
     images = ae.apply({"params": frozen}, latents, method=ae.decode).astype(jnp.float32)
-    return jnp.clip(jnp.round((jnp.clip(images, -1, 1) + 1) * 127.5), 0, 255).astype(jnp.uint8)
+    return reconstruction.to_uint8(jnp.clip(images, -1, 1))
 
   return decode
 

@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ardiff_jax.data import transforms
 from ardiff_jax.evals import condition_error, evaluator, features
 from ardiff_jax.train import checkpoint
 from ardiff_jax.train.experiment import build_experiment
@@ -69,7 +70,7 @@ def _model_images(config, exp, params, data_cfg, real):
   if exp.method.generate_from == "images":
     images, labels = real
     images, labels = images[: config.eval.num_samples], labels[: config.eval.num_samples]
-    inputs = {"image": images.astype(np.float32) / np.float32(127.5) - np.float32(1.0),
+    inputs = {"image": transforms.to_unit_range(images),
               "label": labels.astype(np.int32)}
   else:
     labels = evaluator.balanced_labels(config.eval.num_samples, data_cfg.num_classes)

@@ -34,8 +34,7 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
     cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
     remove_sorted = jnp.concatenate([jnp.zeros_like(cumulative[..., :1], bool),
                                      cumulative[..., :-1] > top_p], axis=-1)
-    remove = jnp.zeros_like(remove_sorted).at[
-        jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+    remove = jnp.take_along_axis(remove_sorted, jnp.argsort(order, axis=-1), axis=-1)
     logits = jnp.where(remove, -jnp.inf, logits)
   return logits
 

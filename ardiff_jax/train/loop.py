@@ -33,16 +33,17 @@ class NonFiniteError(RuntimeError):
   """Raised under nan_policy='halt' when a step produced a non-finite loss or gradient."""
 
 
-def train_data_iter(config: ml_collections.ConfigDict, reseed: int = 0):
+def train_data_iter(config: ml_collections.ConfigDict, reseed: int = 0, source=None):
   """This process's share of the training stream (per-process batch = global / processes).
 
   reseed > 0 starts a differently shuffled stream (seed + reseed): used when a checkpoint holds
-  no stream position for this process layout.
+  no stream position for this process layout. `source`: the training split already opened
+  (`pipeline.open_source`).
   """
   ds = pipeline.make_dataset(
       config.data, split=config.data.train_split, seed=config.seed + reseed,
       batch_size=config.train.batch_size // jax.process_count(), train=True,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(), source=source)
   return iter(ds)
 
 
@@ -52,13 +53,14 @@ _KEY_SOURCES = {"image": "an image source (digits, folder, tfds)",
                 "codes": "the cache of a VQ tokenizer run (--mode cache of configs/vq_*.py)"}
 
 
-def check_first_batch(exp: Experiment) -> None:
-  """Reads a first small batch of the training split (a separate, unshuffled stream, so the
-  training stream is untouched) and refuses data that does not fit the method: a missing batch
-  key (e.g. KL latents given to a method over VQ codes) or what `Method.check_batch` rejects."""
+def check_first_batch(exp: Experiment, source) -> None:
+  """Reads a first small batch of the opened training split `source` (a separate, unshuffled
+  stream, so the training stream is untouched) and refuses data that does not fit the method: a
+  missing batch key (e.g. KL latents given to a method over VQ codes) or what
+  `Method.check_batch` rejects."""
   config = exp.config
   ds = pipeline.make_dataset(config.data, split=config.data.train_split, seed=config.seed,
-                             batch_size=min(8, config.train.batch_size), train=False)
+                             batch_size=min(8, config.train.batch_size), train=False, source=source)
   batch = next(iter(ds))
   missing = [k for k in exp.method.batch_keys if k not in batch]
   if missing:
@@ -125,8 +127,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `Method.sampling_params`) and its scalars go to metrics.jsonl under `eval/`.
   """
   exp = build_experiment(config)       # validates the config
-  data_iter = train_data_iter(config)  # checks the data source (paths, classes, readable images)
-  check_first_batch(exp)               # checks that the data fits the method
+  # The training split, opened once: paths, class count and readable images are checked here.
+  source = pipeline.open_source(config.data, config.data.train_split, config.seed)
+  data_iter = train_data_iter(config, source=source)
+  check_first_batch(exp, source)       # checks that the data fits the method
   # Only now is anything written: a start that fails above leaves the workdir untouched.
   write_config(config, workdir)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
