@@ -17,7 +17,10 @@ from ardiff_jax.methods.kl_tokenizer import tokenizer_config
 def use_digits_tokenizer_run(c: ml_collections.ConfigDict, *, steps: int, batch: int,
                              size: int) -> None:
   """A tokenizer (KL or VQ) trained on the bundled digits for a few CPU minutes: `size` px, no
-  flips (digits are not mirror-symmetric), lr 1e-3 after 100 warmup steps, grids of 64."""
+  flips (digits are not mirror-symmetric), lr 1e-3 after 100 warmup steps, grids of 64, and no
+  LPIPS: the demo runs without user files, and VGG features of 8×8 digits upsampled are far from
+  the natural images LPIPS was calibrated on."""
+  c.tokenizer.perceptual_weight = 0.0
   c.data.source = "digits"
   c.data.image_size = size
   c.data.random_flip = False
@@ -28,6 +31,27 @@ def use_digits_tokenizer_run(c: ml_collections.ConfigDict, *, steps: int, batch:
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 100
   c.sample.num_samples = c.sample.batch_size = 64
+
+
+def use_cifar10_tokenizer_run(c: ml_collections.ConfigDict, *, steps: int, batch: int, path: str,
+                              disc: bool, warmup: int) -> None:
+  """A tokenizer (KL or VQ) trained on the CIFAR-10 image folder at `path` (32 px, flips): lr 4e-4
+  after `warmup` steps, the PatchGAN (if `disc`) from half-way as LDM starts it after the
+  reconstruction settles, and 10,000 reconstructions scored on the CIFAR-10 feature net."""
+  c.data.source = "folder"
+  c.data.path = path
+  c.data.image_size = 32
+  c.data.random_flip = True
+  c.train.num_steps = steps
+  c.train.batch_size = batch
+  c.train.log_every = 100
+  c.train.ckpt_every = 2000
+  c.optim.lr = 4e-4
+  c.optim.warmup_steps = warmup
+  c.tokenizer.disc_enabled = disc
+  c.tokenizer.disc_start = steps // 2
+  use_cifar_feature_net(c.eval.feature_net)
+  c.eval.num_samples = 10000
 
 
 def use_short_cpu_run(c: ml_collections.ConfigDict, steps: int, tiny: bool) -> None:
@@ -62,20 +86,26 @@ def use_cpu_run(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict
   section.clip_denoised = 5.0
 
 
-def _use_cached_latents(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
-                        tokenizer_workdir: str, eval_source: str) -> None:
-  """What the dataset helpers below share: 32 px images, tokens from the cache of the tokenizer
-  run at `tokenizer_workdir` at 1/std of the cache, 2×2 patches, and evaluation against the real
-  images of `eval_source` (a fresh `eval.data` for the caller to complete)."""
-  c.tokenizer.latent_scale = 0.0
+def _use_cached_tokens(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
+                       tokenizer_workdir: str, eval_source: str) -> None:
+  """What every cached-token helper below shares: 32 px images, tokens (latents or codes) from the
+  cache of the tokenizer run at `tokenizer_workdir`, and evaluation against the real images of
+  `eval_source` (a fresh `eval.data` for the caller to complete)."""
   section.tokenizer_workdir = tokenizer_workdir
-  section.patch_size = 2
   c.data.source = "cached"
   c.data.path = tokenizer_workdir + "/cache"
   c.data.image_size = 32
   c.eval.data = ml_collections.ConfigDict(configlib.base_config().data.to_dict())
   c.eval.data.source = eval_source
   c.eval.data.image_size = 32
+
+
+def _use_cached_latents(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
+                        tokenizer_workdir: str, eval_source: str) -> None:
+  """`_use_cached_tokens` for KL latents: scaled by 1/std of the cache, in 2×2 patches."""
+  c.tokenizer.latent_scale = 0.0
+  section.patch_size = 2
+  _use_cached_tokens(c, section, tokenizer_workdir, eval_source)
 
 
 def use_digits_latents(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
@@ -119,8 +149,7 @@ def use_cifar10_run(c: ml_collections.ConfigDict, section: ml_collections.Config
                     steps: int, batch: int, cpu: bool) -> None:
   """`steps` steps of MAR's recipe with a 5-epoch warmup (MAR: 100 epochs of a 400-epoch run),
   EMA 0.9999, 100 DDPM steps, CFG 3; or, with `cpu`, the short-run settings of `use_cpu_run`
-  (lr 1e-3, raw weights, 50 DDPM steps, CFG 2). Both evaluate 10,000 samples against the 10,000
-  test images, as the real-train row of the evaluator check does."""
+  (lr 1e-3, raw weights, 50 DDPM steps, CFG 2). Both evaluate as `use_cifar10_eval`."""
   if cpu:
     use_cpu_run(c, section, steps, tiny=False)
   else:
@@ -130,6 +159,12 @@ def use_cifar10_run(c: ml_collections.ConfigDict, section: ml_collections.Config
     c.train.ckpt_every = 5000
     c.sample.cfg_scale = 3.0
     c.sample.num_samples = c.sample.batch_size = 100
+  use_cifar10_eval(c)
+
+
+def use_cifar10_eval(c: ml_collections.ConfigDict) -> None:
+  """10,000 samples (1,000 per class) against the 10,000 test images, as the real-train row of the
+  evaluator check does, in batches of 250."""
   c.eval.num_samples, c.eval.batch_size = 10000, 250
 
 
@@ -207,16 +242,23 @@ def use_digits_codes(c: ml_collections.ConfigDict, section: ml_collections.Confi
   c.tokenizer.overrides = dict(ch=16, resolution=32, codebook_size=1024)
   if f == 8:
     c.tokenizer.overrides.update(ch_mult=(1, 2, 2, 2), attn_resolutions=(4,))
-  section.tokenizer_workdir = tokenizer_workdir
-  c.data.source = "cached"
-  c.data.path = tokenizer_workdir + "/cache"
-  c.data.image_size = 32
+  _use_cached_tokens(c, section, tokenizer_workdir, eval_source="digits")
   c.data.random_flip = False               # digits are not mirror-symmetric: the image's own codes
-  c.eval.data = ml_collections.ConfigDict(configlib.base_config().data.to_dict())
-  c.eval.data.source = "digits"
-  c.eval.data.image_size = 32
   c.eval.data.random_flip = False
   if tiny:
     c.tokenizer.overrides = dict(ch=16, ch_mult=(1, 2), attn_resolutions=(), resolution=16,
                                  codebook_size=64, z_channels=16)
     c.data.image_size = c.eval.data.image_size = 16
+
+
+def use_cifar10_codes(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict, *,
+                      vq: str, path: str, preset: str) -> None:
+  """Points a LlamaGen config at a `configs/vq_cifar10.py` run (`preset` must be that run's) and
+  its code cache; evaluation reads the CIFAR-10 image folder at `path` with the CIFAR-10 feature
+  net. 32 px -> 8×8 codes (f = 4): 64 tokens; a training item reads the codes of the image or of
+  its mirror image (`data.random_flip`, both cached)."""
+  c.tokenizer = vq_tokenizer.tokenizer_config(preset)
+  _use_cached_tokens(c, section, vq, eval_source="folder")
+  c.data.random_flip = True
+  c.eval.data.path = path
+  use_cifar_feature_net(c.eval.feature_net)

@@ -2,8 +2,9 @@
 
 LDM AutoencoderKL kl-f16 architecture as released by MAR (encoder attention at 16×16, decoder
 attention only in the mid block; 16×16×16 latents, scale 0.2325), trained with LDM's kl-f16 loss
-(L1 + KL 1e-6 + hinge PatchGAN from step 50001, disc weight 0.5) at batch 256 and lr 1e-4, as the
-MAR authors report. Not reproduced here: LDM's LPIPS term (its VGG weights are not bundled).
+(L1 + LPIPS 1.0 + KL 1e-6 + hinge PatchGAN from step 50001, disc weight 0.5) at batch 256 and lr
+1e-4, as the MAR authors report. LPIPS needs the user's files (`--config.tokenizer.lpips_vgg16=
+vgg16-397923af.pth --config.tokenizer.lpips_lin=vgg.pth`); without them it is off, and the log says so.
 Data: `tfds` imagenet2012 prepared by the user (`--config.data.path=<tfds data_dir>`).
 """
 from ardiff_jax import configlib

@@ -7,7 +7,7 @@ Args: steps, batch, path, preset (kl_small | kl_tiny: a quarter of kl_small's wi
 depth, for CPU budgets), disc (the PatchGAN from half-way, as LDM; False skips it).
 """
 from ardiff_jax import configlib
-from ardiff_jax.presets import use_cifar_feature_net
+from ardiff_jax.presets import use_cifar10_tokenizer_run
 from ardiff_jax.methods.kl_tokenizer import tokenizer_base_config
 
 
@@ -15,21 +15,6 @@ def get_config(arg=None):
   a = configlib.parse_arg(arg, steps=20000, batch=128, path="data/cifar10", preset="kl_small",
                           disc=True)
   c = tokenizer_base_config(a.preset)
-
-  c.data.source = "folder"
-  c.data.path = a.path
-  c.data.image_size = 32
-  c.data.random_flip = True
-
-  c.train.num_steps = a.steps
-  c.train.batch_size = a.batch
-  c.train.log_every = 100
-  c.train.ckpt_every = 2000
   c.train.ema_decay = 0.999
-  c.optim.lr = 4e-4
-  c.optim.warmup_steps = 500
-  c.tokenizer.disc_enabled = a.disc
-  c.tokenizer.disc_start = a.steps // 2   # LDM starts the GAN after the reconstruction settles
-  use_cifar_feature_net(c.eval.feature_net)
-  c.eval.num_samples = 10000
+  use_cifar10_tokenizer_run(c, steps=a.steps, batch=a.batch, path=a.path, disc=a.disc, warmup=500)
   return c

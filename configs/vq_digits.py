@@ -3,7 +3,7 @@
 vq_tiny (ours) at width 16 (as the KL demo tokenizer): LlamaGen's VQ architecture, f = 8 (32×32
 -> 4×4 codes; the digits are 8×8 images upsampled, so a code covers 2×2 of their pixels) or f = 4
 (8×8 codes), K = 1024 codes of 8 dims, l2-normalised; l2 + codebook + commitment losses, no GAN
-(a minutes-long run), no LPIPS (its weights are not bundled). Adam(0.9, 0.95), lr 1e-3 with 100
+(a minutes-long run), no LPIPS (`presets.use_digits_tokenizer_run`). Adam(0.9, 0.95), lr 1e-3 with 100
 warmup steps. f = 8 is the default: LlamaGen on its 16 codes trains 4.5× faster per step and its
 samples score better than on the f = 4 codes at the same budget (README).
 Args: steps, batch, size (image side), ch (base width), k (codebook size), f (4 | 8), tiny (a
@@ -23,7 +23,6 @@ def get_config(arg=None):
   if a.f == 8:   # one more level: 32 px -> 4×4 codes, attention at the lowest level
     c.tokenizer.overrides.update(ch_mult=(1, 2, 2, 2), attn_resolutions=(a.size // 8,))
   c.tokenizer.disc_enabled = False
-  c.tokenizer.perceptual_weight = 0.0
 
   use_digits_tokenizer_run(c, steps=a.steps, batch=a.batch, size=a.size)
   if a.tiny:

@@ -30,6 +30,8 @@ VARIANTS = (
     ("ar_diffusion_digits", "condref=loss,order=random"),
     ("mar_cifar10", "tok=kl_tiny,cpu"),
     ("ar_diffusion_cifar10", "tok=kl_tiny,cpu"),
+    ("vq_cifar10", "preset=vq_tiny,disc=false"),
+    ("llamagen_cifar10", "tok=vq_tiny,cpu"),
     ("mar_imagenet256", "model=huge"),
     ("ar_diffusion_imagenet256", "model=b"),
 )

@@ -73,3 +73,17 @@ def test_cifar10_mar_and_causal_ar_share_one_budget(cpu):
   assert mar.train.num_steps == 123 and mar.data.path == "K/cache"
   assert mar.eval.data.source == "folder" and mar.eval.feature_net.arch == "pooled"
   assert mar.optim.lr == (1e-3 if cpu else 1e-4 * 32 / 256)
+
+
+def test_cifar10_llamagen_runs_at_the_comparison_budget():
+  """LlamaGen's CPU row of the CIFAR-10 table trains, samples and evaluates as MAR's; only its
+  tokens (VQ codes) and its recipe's optimiser (weight decay, clip) differ."""
+  run = "steps=123,batch=32,cpu=True"
+  lg = load_config("llamagen_cifar10", f"tok=vq_tiny,vq=V,{run}")
+  mar = load_config("mar_cifar10", f"tok=kl_tiny,kl=K,{run}")
+  for field in ("train", "sample", "eval"):
+    assert lg[field].to_dict() == mar[field].to_dict(), field
+  for field in ("lr", "warmup_steps", "schedule", "b1", "b2"):
+    assert lg.optim[field] == mar.optim[field], field
+  assert lg.data.path == "V/cache" and lg.data.source == "cached"
+  assert lg.eval.data.source == "folder" and lg.tokenizer.preset == "vq_tiny"

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from ardiff_jax.convert import torch_pickle
+from ardiff_jax.data import torch_pickle
 from ardiff_jax.evals import inception
 
 

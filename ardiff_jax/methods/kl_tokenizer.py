@@ -1,10 +1,13 @@
 """Training objective of the KL tokenizer (LDM AutoencoderKL, network in tokenizers/kl.py), as a `Method`.
 
-Loss (LDM `LPIPSWithDiscriminator`, without the LPIPS term, whose VGG weights are not bundled):
+Loss (LDM `LPIPSWithDiscriminator`):
   L = mean_B[ rec/exp(s) + s·HWC ] + w_kl · mean_B[ KL(q(z|x) ‖ N(0, I)) ]
       + 1[step ≥ disc_start] · ( w_d · L_G^hinge + L_D^hinge )
-with rec the per-image sum of |x − x̂| (or squared error), s a learned scalar log-variance, and the
-posterior *sampled* for the reconstruction. The discriminator and the autoencoder share one
+with rec the per-image sum over its HWC elements of |x − x̂| (or squared error) + w_p·LPIPS(x, x̂)
+(LDM adds the per-image LPIPS to every element), s a learned scalar log-variance, and the
+posterior *sampled* for the reconstruction. LPIPS reads the user's weights
+(`tokenizer.lpips_vgg16`, `tokenizer.lpips_lin`); without them w_p is 0 and the log says so once
+(`reconstruction.perceptual_loss`). The discriminator and the autoencoder share one
 optimizer update: the generator term sees the discriminator through stop-gradient and the
 discriminator term sees the reconstruction through stop-gradient, so each part receives only its
 own gradient (Adam is per-parameter, so this equals two optimizers up to the joint clipping norm).
@@ -36,6 +39,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   ae = build_autoencoder(tcfg, config.train.compute_dtype)
   disc = losses.PatchDiscriminator(ndf=tcfg.disc_ndf, n_layers=tcfg.disc_layers) if tcfg.disc_enabled else None
   size = config.data.image_size
+  perceptual = rec_lib.perceptual_loss(tcfg, size)
 
   def init_params(rng):
     x = jnp.zeros((1, size, size, 3), jnp.float32)
@@ -50,12 +54,17 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     x = batch["image"].astype(jnp.float32)
     x_rec, moments = ae.apply({"params": params["ae"]}, x, rng)
     x_rec = x_rec.astype(jnp.float32)
+    num_elements = int(np.prod(x.shape[1:]))
     rec = losses.reconstruction_loss(x, x_rec, tcfg.rec_loss)               # [B]
-    nll = losses.nll_loss(rec, params["logvar"], num_elements=int(np.prod(x.shape[1:])))  # [B]
+    metrics = {"rec_loss": jnp.mean(rec) / num_elements}
+    if perceptual is not None:
+      p_loss = perceptual(x, x_rec)                                         # [B]
+      rec = rec + tcfg.perceptual_weight * p_loss * num_elements
+      metrics["perceptual_loss"] = jnp.mean(p_loss)
+    nll = losses.nll_loss(rec, params["logvar"], num_elements=num_elements)  # [B]
     kl = kl_lib.kl_to_standard_normal(moments)                              # [B]
     loss = jnp.mean(nll) + tcfg.kl_weight * jnp.mean(kl)
-    metrics = {"rec_loss": jnp.mean(rec) / np.prod(x.shape[1:]), "kl": jnp.mean(kl),
-               "logvar": params["logvar"], "psnr": jnp.mean(rec_lib.psnr(x, x_rec))}
+    metrics.update(kl=jnp.mean(kl), logvar=params["logvar"], psnr=jnp.mean(rec_lib.psnr(x, x_rec)))
     if disc is not None:
       on = (step >= tcfg.disc_start).astype(jnp.float32)
       g_loss, d_loss = rec_lib.adversarial_terms(disc, params["disc"], x, x_rec)
@@ -85,6 +94,9 @@ def tokenizer_config(preset: str = "kl_tiny") -> ml_collections.ConfigDict:
   t.preset = preset
   t.overrides = ml_collections.ConfigDict()   # AutoencoderKL fields to change in the preset
   t.rec_loss = "l1"
+  t.perceptual_weight = 1.0                  # LPIPS; 0 (logged) while the files below are unset
+  t.lpips_vgg16 = ""                         # torchvision's vgg16-397923af.pth (user-supplied)
+  t.lpips_lin = ""                           # LPIPS's vgg.pth: the linear layers (user-supplied)
   t.kl_weight = 1e-6
   t.logvar_init = 0.0
   t.disc_enabled = False

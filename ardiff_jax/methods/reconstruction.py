@@ -1,5 +1,5 @@
-"""What the image-tokenizer objectives (KL, VQ) share: PSNR, uint8 images, the PatchGAN terms, and
-the `generate` / `visualize` functions that turn a reconstruction function into what `--mode eval`
+"""What the image-tokenizer objectives (KL, VQ) share: PSNR, uint8 images, the LPIPS and PatchGAN
+terms, and the `generate` / `visualize` functions that turn a reconstruction function into what `--mode eval`
 and `--mode sample` show.
 
 Shape letters: B batch, H/W height/width.
@@ -10,8 +10,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+from absl import logging
 
 from ardiff_jax.tokenizers import losses
+from ardiff_jax.tokenizers import lpips
 
 
 def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -23,6 +26,34 @@ def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
 def to_uint8(x: jax.Array) -> jax.Array:
   """[-1, 1] float -> uint8 [0, 255]."""
   return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def perceptual_loss(tcfg: ml_collections.ConfigDict, image_size: int
+                    ) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
+  """(x, x̂) [B,H,W,3] -> LPIPS [B] with the user's weights, or None: the perceptual term is off.
+
+  Off when `tcfg.perceptual_weight` is 0, and, with a warning (logged once: the factory runs once
+  per run), when `tcfg.lpips_vgg16` / `tcfg.lpips_lin` are unset, since LPIPS weights are never
+  bundled or downloaded. A path that is set but wrong is an error. The LPIPS weights enter the
+  jitted step as constants: they are not trained and not checkpointed.
+  """
+  if not tcfg.perceptual_weight:
+    return None
+  if not (tcfg.lpips_vgg16 and tcfg.lpips_lin):
+    logging.warning(
+        "tokenizer.perceptual_weight=%s, but tokenizer.lpips_vgg16 and tokenizer.lpips_lin are not "
+        "both set: training without the perceptual term (weight 0). To train with LPIPS, point them "
+        "at torchvision's vgg16-397923af.pth and LPIPS's vgg.pth (never downloaded here).",
+        tcfg.perceptual_weight)
+    return None
+  if image_size < 16:
+    raise ValueError(f"data.image_size={image_size}: LPIPS's VGG16 pools four times and needs at "
+                     "least 16 px; set tokenizer.perceptual_weight=0 for smaller images")
+  variables = jax.device_put(lpips.load_variables(
+      tcfg.lpips_vgg16, tcfg.lpips_lin, vgg16_field="tokenizer.lpips_vgg16",
+      lin_field="tokenizer.lpips_lin"))
+  net = lpips.LPIPS()
+  return lambda x, x_rec: net.apply(variables, x, x_rec)
 
 
 def adversarial_terms(disc: losses.PatchDiscriminator, disc_params, x: jax.Array,

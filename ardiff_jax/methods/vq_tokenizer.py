@@ -9,8 +9,9 @@ and the tokenizer share one optimizer update, each term seeing only its own para
 gradient (`reconstruction.adversarial_terms`). LlamaGen trains with plain Adam(0.9, 0.95), no
 weight decay, lr 1e-4 at batch 128, constant (the paper says AdamW 0.05; the code does not).
 
-The perceptual term needs LPIPS weights, which are not bundled; until the LPIPS module reads the
-user's files, the perceptual weight is 0 and the log says so once.
+The perceptual term reads the user's LPIPS weights (`tokenizer.lpips_vgg16`: torchvision's
+vgg16-397923af.pth; `tokenizer.lpips_lin`: LPIPS's vgg.pth; `tokenizers/lpips.py`); without them the
+perceptual weight is 0 and the log says so once (`reconstruction.perceptual_loss`).
 Codebook usage (the share of the K codes among the last `usage_window` indices) is kept in the
 train state's extras and logged as `codebook_usage`.
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import logging
 
 from ardiff_jax import configlib
 from ardiff_jax.methods import Method
@@ -41,9 +41,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   disc = (losses.PatchDiscriminator(ndf=tcfg.disc_ndf, n_layers=tcfg.disc_layers)
           if tcfg.disc_enabled else None)
   size = config.data.image_size
-  if tcfg.perceptual_weight:
-    logging.warning("tokenizer.perceptual_weight=%s, but LPIPS is not available in this version: "
-                    "training without the perceptual term (weight 0)", tcfg.perceptual_weight)
+  perceptual = rec_lib.perceptual_loss(tcfg, size)
 
   def init_params(rng):
     x = jnp.zeros((1, size, size, 3), jnp.float32)
@@ -64,12 +62,15 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     rec = jnp.mean(jnp.square(x - x_rec))
     codebook, commit = vq_lib.codebook_losses(q["f"], q["z_q"], tcfg.codebook_beta)
     loss = tcfg.rec_weight * rec + codebook + commit
+    metrics = {"rec_loss": rec, "codebook_loss": codebook, "commit_loss": commit,
+               "psnr": jnp.mean(rec_lib.psnr(x, x_rec))}
+    if perceptual is not None:
+      metrics["perceptual_loss"] = jnp.mean(perceptual(x, x_rec))
+      loss = loss + tcfg.perceptual_weight * metrics["perceptual_loss"]
     if tcfg.entropy_weight:
       loss = loss + tcfg.entropy_weight * vq_lib.entropy_loss(q["affinity"], tcfg.entropy_temperature)
     usage = vq_lib.push_usage(extras[USAGE_KEY], q["ids"])
-    metrics = {"rec_loss": rec, "codebook_loss": codebook, "commit_loss": commit,
-               "codebook_usage": vq_lib.codebook_usage(usage, vq.codebook_size),
-               "psnr": jnp.mean(rec_lib.psnr(x, x_rec))}
+    metrics["codebook_usage"] = vq_lib.codebook_usage(usage, vq.codebook_size)
     if disc is not None:
       on = (step >= tcfg.disc_start).astype(jnp.float32)
       g_loss, d_loss = rec_lib.adversarial_terms(disc, params["disc"], x, x_rec)
@@ -98,7 +99,9 @@ def tokenizer_config(preset: str = "vq_tiny") -> ml_collections.ConfigDict:
   t.preset = preset
   t.overrides = ml_collections.ConfigDict()   # VQModel fields to change in the preset
   t.rec_weight = 1.0                           # l2 pixel loss
-  t.perceptual_weight = 1.0                    # LPIPS (0 until LPIPS weights can be read)
+  t.perceptual_weight = 1.0                    # LPIPS; 0 (logged) while the files below are unset
+  t.lpips_vgg16 = ""                           # torchvision's vgg16-397923af.pth (user-supplied)
+  t.lpips_lin = ""                             # LPIPS's vgg.pth: the linear layers (user-supplied)
   t.codebook_beta = 0.25                       # commitment β
   t.entropy_weight = 0.0                       # LlamaGen's entropy_loss_ratio
   t.entropy_temperature = 0.01

@@ -1,17 +1,16 @@
-"""Training losses of the KL autoencoder: LDM's `LPIPSWithDiscriminator` without the LPIPS term.
+"""Training losses of the KL autoencoder (LDM's `LPIPSWithDiscriminator`; LPIPS is `lpips.py`).
 
 Shape letters: B batch, H/W height/width, C channels, h'/w' discriminator patch grid.
 
 LDM's (`ldm/modules/losses/contperceptual.py`) generator objective is
 
-  rec   = |x - x_rec| (+ perceptual_weight * LPIPS, omitted here)      per element
+  rec   = |x - x_rec| + perceptual_weight * LPIPS(x, x_rec)             per element
   nll   = sum_elements(rec / exp(logvar) + logvar) / B                   logvar a learned scalar
   kl    = sum_{h,w,C} KL(q(z|x) || N(0, I)) / B                          (kl.kl_to_standard_normal)
   loss  = nll + kl_weight * kl + d_weight * disc_factor * (-mean(D(x_rec)))
 
-and the discriminator minimises the hinge loss. LPIPS is left out because it needs VGG weights
-downloaded from the LPIPS authors; a caller that has them can add the term to `rec` before
-`nll_loss`.
+and the discriminator minimises the hinge loss. The caller adds the LPIPS term (per image, times
+the number of elements) to the per-image sum of `reconstruction_loss` before `nll_loss`.
 Every loss is computed in fp32.
 """
 from typing import Any

@@ -12,7 +12,7 @@ import threadpoolctl
 from flax import traverse_util
 
 from ardiff_jax.convert import inception as convert
-from ardiff_jax.convert import torch_pickle
+from ardiff_jax.data import torch_pickle
 from ardiff_jax.evals import inception
 from ardiff_jax.evals import metrics as M
 from tests.evals import inception_numpy as ref
