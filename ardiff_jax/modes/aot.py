@@ -9,6 +9,10 @@ Needs libtpu (`pip install -e ".[tpu]"`), which provides the compiler; no TPU is
 The step is the one `--mode train` runs (same method, optimizer, mesh rules, remat and scan
 switches), traced on abstract inputs: nothing is allocated. Writes `<workdir>/aot/<topology>.json`.
 
+FLOPs are the step's matmuls and convolutions counted on its jaxpr (`bench.traced_flops`: a
+scanned layer stack counts every layer, rematerialised forwards included), split evenly over the
+chips. XLA's own per-chip count is kept as `xla_flops_per_chip`; it counts a loop body once, so
+with `scan_layers` it reports about one layer's work.
 Caveats: the implied time counts FLOPs only (a lower bound; no communication or memory-bound
 time), and memory is XLA's static estimate for one chip.
 """
@@ -117,13 +121,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "  Shard more (a larger fsdp axis), lower the batch, or turn on remat / scan_layers.")
     return result
   compile_s = time.time() - t0
-  flops_per_chip = bench.compiled_flops(compiled)
+  flops_per_step = bench.traced_flops(step, exp.abstract_state, batch)
+  flops_per_chip = flops_per_step / len(devices)
   peak = bench.peak_flops(devices[0])
   result.update({
       "fits": True, "compile_s": compile_s,
       "memory_per_chip": memory_report(compiled),
+      "flops_per_step": flops_per_step,
       "flops_per_chip": flops_per_chip,
-      "flops_per_step": None if flops_per_chip is None else flops_per_chip * len(devices),
+      "xla_flops_per_chip": bench.compiled_flops(compiled),
       "peak_flops_per_chip": peak,
       "step_s_at_peak": None if not (flops_per_chip and peak) else flops_per_chip / peak,
   })

@@ -7,11 +7,13 @@ achieved FLOP/s by the device's peak dense bf16 FLOP/s where that peak is known,
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
 import flax.linen as nn
 import jax
+from jax.extend import core as jex_core
 import ml_collections
 import numpy as np
 from absl import logging
@@ -35,6 +37,48 @@ def peak_flops(device: jax.Device) -> float | None:
     if name.lower() in kind.lower():
       return peak
   return None
+
+
+def _eqn_flops(eqn) -> float:
+  """Multiply-add FLOPs (2 per MAC) of one dot_general or convolution equation; 0 for others."""
+  name = eqn.primitive.name
+  if name == "dot_general":
+    lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+    (lc, _), (lb, _) = eqn.params["dimension_numbers"]
+    contract = math.prod(lhs[i] for i in lc)
+    batch = math.prod(lhs[i] for i in lb)
+    return 2.0 * math.prod(lhs) * math.prod(rhs) / (contract * batch)   # 2·batch·M·N·K
+  if name == "conv_general_dilated":
+    rhs = eqn.invars[1].aval.shape
+    out = eqn.outvars[0].aval.shape
+    out_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+    # each output element: one MAC per kernel element of its group (rhs is [O, I/groups, *k])
+    return 2.0 * math.prod(out) * math.prod(rhs) / rhs[out_dim]
+  return 0.0
+
+
+def jaxpr_flops(jaxpr) -> float:
+  """Matmul and convolution FLOPs of a (closed) jaxpr, with every sub-jaxpr counted as often as it
+  runs: a `scan` body `length` times (XLA's cost analysis counts a loop body once, so a step with
+  `scan_layers` would report one layer's FLOPs), the costliest branch of a `cond`, a `while` body
+  once (its trip count is not static). Global shapes: divide by the device count for a share."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    total += _eqn_flops(eqn)
+    subs = [v for v in eqn.params.values() if isinstance(v, (jex_core.Jaxpr, jex_core.ClosedJaxpr))]
+    branches = [jaxpr_flops(b) for b in eqn.params.get("branches", ())]
+    if branches:
+      total += max(branches)
+    times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+    total += times * sum(jaxpr_flops(sub) for sub in subs)
+  return total
+
+
+def traced_flops(fn, *args) -> float:
+  """Matmul + convolution FLOPs of one call of `fn` on (abstract) `args`, all devices together,
+  from its jaxpr (`jaxpr_flops`): rematerialised forwards are counted, elementwise work is not."""
+  return jaxpr_flops(jax.make_jaxpr(fn)(*args))
 
 
 def compiled_flops(compiled) -> float | None:
@@ -73,7 +117,7 @@ def _measure_train_step(config: ml_collections.ConfigDict, local: dict):
 
   _time(one_step, config.bench.warmup_steps)
   step_time = _time(one_step, config.bench.steps)
-  return exp, holder["state"], compile_time, step_time, compiled_flops(compiled)
+  return exp, holder["state"], compile_time, step_time, traced_flops(step_fn, state, batch)
 
 
 def _condref_share(config: ml_collections.ConfigDict, local: dict, step_time: float) -> dict:
@@ -107,8 +151,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
   peak = peak_flops(jax.devices()[0])
   if flops and peak:
-    # cost_analysis reports the per-device program's FLOPs.
-    result["mfu"] = flops / step_time / peak
+    result["mfu"] = flops / jax.device_count() / step_time / peak
   result.update(_condref_share(config, local, step_time))
   if exp.method.generate is not None:
     result.update(_bench_sampling(exp, exp.method.sampling_params(state.ema_params, state.extras),
