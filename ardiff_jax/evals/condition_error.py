@@ -64,7 +64,7 @@ def analyze(probe: cr.ConditionProbe, params, queue: dict | None, moments: jax.A
             labels: jax.Array, rng: jax.Array, timesteps: list[int], score_t: int) -> dict:
   """The analysis on one batch of held-out moments [B,h,w,2C] and labels [B]; see the module doc."""
   diffusion = create_diffusion(1000)
-  r_cond, r_noise, r_ref = jax.random.split(rng, 3)
+  r_cond, r_noise, _ = jax.random.split(rng, 3)
   out = jax.jit(probe.conditions)(params, moments, labels, r_cond)
   b, l, c = out["tokens"].shape
   x0 = out["tokens"].reshape(b * l, c).astype(jnp.float32)
@@ -76,9 +76,9 @@ def analyze(probe: cr.ConditionProbe, params, queue: dict | None, moments: jax.A
   if cr.INVERSE_KEY in params:
     variants["ideal"] = refinement.inverse.apply({"params": params[cr.INVERSE_KEY]}, x0, positions)
   if queue is not None and bool(cr.queue_full(queue)):
-    refined, _ = jax.jit(refinement.refine)(variants["raw"], row_labels, positions,
-                                            jnp.ones((b * l,)), queue, r_ref)
-    variants["refined"] = refined
+    # What runtime-mode sampling applies: the map fitted on the checkpointed queues, row by row.
+    refine = jax.jit(lambda p, z, lab, pos: refinement.sampling_map(p)(z, lab, pos))
+    variants["refined"] = refine(params, variants["raw"], row_labels, positions)
   head = jax.jit(probe.head)
   result = {"timesteps": list(timesteps), "num_tokens": int(b * l), "variants": {}}
   sq = lambda a: float(jnp.mean(jnp.sum(a * a, -1)))

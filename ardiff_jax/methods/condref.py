@@ -33,13 +33,22 @@ Modes (`condref.mode`):
   `loss`     L = L_diff(z) + w·‖z − sg(R(z))‖² + w_λ·‖z − sg(ŷ)‖² (+ w_inv·L_aux), the squared
              norms averaged over the D dimensions and the loss tokens; sampling unchanged;
   `runtime`  the head consumes z + sg(R(z) − z) (value R(z), gradient of the identity) in training,
-             and R is applied at every sampling step against the checkpointed queue. λ is 0 inside R,
-             and R reads the queue *before* this batch is pushed, so the head's input never holds the
-             current sample's own ground truth. (On a dataset of few batches per epoch, keep
-             the queue's span, queue_size / push_per_step steps, below an epoch, or an image seen
-             at the end of one epoch and the start of the next meets its own E_φ(x).) At sampling
-             the OT is fitted on the conditional rows of the step only (the CFG null half and the
-             padding slots get no weight); in training on the loss tokens of the batch.
+             and R is applied at every sampling step. λ is 0 inside R, and R reads the queue
+             *before* this batch is pushed, so the head's input never holds the current sample's
+             own ground truth. (On a dataset of few batches per epoch, keep the queue's span,
+             queue_size / push_per_step steps, below an epoch, or an image seen at the end of one
+             epoch and the start of the next meets its own E_φ(x).) In training the OT is fitted
+             on the loss tokens of the batch.
+
+Sampling is per sample: the map R applies at sampling (and in the condition-error analysis) is
+fitted once, with a fixed seed, from checkpointed state only: `num_points` of the generator's own
+training conditions (a second FIFO, `condref_source`, filled with the loss rows' z as the reference
+queue is filled with ŷ) against `num_reference` entries of the reference queue. Each row is then
+moved by the fitted maps alone, so a sample never depends on the other rows of its batch, on the
+batch size or on the evaluation order. (Fitting on the sampling batch itself, as a first version
+did, coupled the samples: one row's R(z) moved by 15% when the other rows changed, and a batch
+of one class at one position sent most of its mass to the queue's wrong positions.) Fit weights
+enter Sinkhorn as the source marginal (`a`), never as repeated rows.
 
 Choices the paper leaves open (ours, config fields): the reference (`inverse_encoder`, whose E_φ
 also gives the condition-error analysis its ideal condition), feature
@@ -95,14 +104,32 @@ def condref_config() -> ml_collections.ConfigDict:
   return r
 
 
-def validate(r: ml_collections.ConfigDict) -> None:
+def validate(r: ml_collections.ConfigDict, loss_rows: int | None = None) -> None:
+  """Raises ValueError naming the field for settings the refinement cannot run with. `loss_rows`:
+  the fewest loss-bearing conditions one (micro-)batch holds, when known."""
   if r.mode not in MODES:
     raise ValueError(f"condref.mode={r.mode!r}: expected one of {MODES}")
   if r.reference not in REFERENCES:
     raise ValueError(f"condref.reference={r.reference!r}: expected one of {REFERENCES}")
-  if r.num_reference > r.queue_size:
-    raise ValueError(f"condref.num_reference={r.num_reference} exceeds condref.queue_size="
-                     f"{r.queue_size}; the reference is drawn from the queue without replacement")
+  if not 0.0 < r.tau_b <= 1.0:
+    raise ValueError(f"condref.tau_b={r.tau_b}: the reference marginal's relaxation must lie in "
+                     "(0, 1] (1 = balanced OT; 0.5–0.9 lets a batch of few classes leave the "
+                     "queue's other classes unmatched)")
+  if r.push_per_step > r.queue_size:
+    raise ValueError(f"condref.push_per_step={r.push_per_step} exceeds condref.queue_size="
+                     f"{r.queue_size}: a step would overwrite its own entries; push fewer or "
+                     "enlarge the queue")
+  if loss_rows is not None and r.mode != "off":
+    for field in ("num_points", "push_per_step"):
+      if r[field] > loss_rows:
+        raise ValueError(
+            f"condref.{field}={r[field]} exceeds the {loss_rows} loss-bearing conditions of a "
+            "training (micro-)batch, so rows would be drawn twice; lower it, or raise "
+            "train.batch_size")
+  for field in ("num_reference", "num_points"):
+    if r[field] > r.queue_size:
+      raise ValueError(f"condref.{field}={r[field]} exceeds condref.queue_size={r.queue_size}; "
+                       "the sampling map draws it from a queue without replacement")
   if r.sinkhorn_iterations <= 0 or r.sinkhorn_iterations % 10:
     raise ValueError(f"condref.sinkhorn_iterations={r.sinkhorn_iterations}: use a positive multiple "
                      "of 10 (ott-jax runs fixed iterations in blocks of 10 and would round down)")
@@ -144,6 +171,8 @@ class InverseEncoder(nn.Module):
 # ------------------------------------------------------- what a generator's loss adds
 INVERSE_KEY = "condref_inverse"    # params subtree of E_φ, next to the generator's own
 QUEUE_KEY = "condref_queue"        # in extras; and next to the weights for runtime-mode sampling
+SOURCE_KEY = "condref_source"      # the generator's own training conditions: the sampling map's source
+SAMPLING_MAP_SEED = 0              # the draws the sampling map is fitted on: fixed, never the batch's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,9 +186,10 @@ class ConditionRefinement:
   cond_dim: int
   token_dim: int
   num_classes: int
+  loss_rows: int | None = None    # the fewest loss-bearing conditions of a (micro-)batch
 
   def __post_init__(self):
-    validate(self.cfg)
+    validate(self.cfg, self.loss_rows)
 
   @property
   def enabled(self) -> bool:
@@ -182,8 +212,12 @@ class ConditionRefinement:
     return {INVERSE_KEY: self.inverse.init(rng, x, jnp.zeros((1,), jnp.int32))["params"]}
 
   def init_extras(self, rng: jax.Array) -> dict:
+    """{QUEUE_KEY: reference ŷ, SOURCE_KEY: the generator's own z} FIFOs (empty when off)."""
     del rng
-    return {QUEUE_KEY: init_queue(self.cfg.queue_size, self.cond_dim)} if self.enabled else {}
+    if not self.enabled:
+      return {}
+    return {QUEUE_KEY: init_queue(self.cfg.queue_size, self.cond_dim),
+            SOURCE_KEY: init_queue(self.cfg.queue_size, self.cond_dim)}
 
   def _features(self, z, labels, positions, ref, ref_labels, ref_positions):
     s_cls, s_pos = feature_scales(z, ref, self.cfg.class_cost, self.cfg.position_cost)
@@ -191,19 +225,20 @@ class ConditionRefinement:
     return feats(labels, positions), feats(ref_labels, ref_positions)
 
   def refine(self, z, labels, positions, weights, queue, rng, y_hat=None, allow_lambda=False):
-    """R(z) for rows z [n, D] with labels [n] (num_classes = null), positions [n] and fit weights
-    [n] (> 0: may be fitted on) against `queue`. Rows pass unchanged until the queue is full.
+    """Training's R(z), fitted on this batch: rows z [n, D] with labels [n] (num_classes = null),
+    positions [n] and fit weights [n] (the marginal of the rows the OT is fitted on; 0: never)
+    against `queue`. Rows pass unchanged until the queue is full.
     Returns (refined [n, D] float32, diagnostics)."""
     r = self.cfg
     n = z.shape[0]
     fit_rng, ref_rng = jax.random.split(rng)
     ref, ref_labels, ref_pos = draw_reference(queue, ref_rng, r.num_reference)
     num_fit = min(int(r.num_points), n)
-    fit_index = fit_rows(fit_rng, weights, num_fit)
+    fit_index, fit_weights = fit_rows(fit_rng, weights, num_fit)
     z32 = jax.lax.stop_gradient(z.astype(jnp.float32))
     feats, ref_feats = self._features(z32[fit_index], labels, positions, ref, ref_labels, ref_pos)
     refined, info = make_refiner(r, allow_lambda=allow_lambda)(z32, feats, fit_index, ref, ref_feats,
-                                                                 y_hat)
+                                                                 y_hat, fit_weights)
     full = queue_full(queue)
     refined = jnp.where(full, refined, z32)
     moved = jnp.sqrt(jnp.sum(weights[:, None] * (refined - z32) ** 2) / jnp.maximum(weights.sum(), 1))
@@ -238,7 +273,7 @@ class ConditionRefinement:
     else:
       y_hat = self.inverse.apply({"params": params[INVERSE_KEY]}, tok_flat, positions)  # [B·L, D]
       push_weights = w
-    r_ref, r_aux, r_push = jax.random.split(rng, 3)
+    r_ref, r_aux, r_push, r_source = jax.random.split(rng, 4)
     queue = extras[QUEUE_KEY]
     use_lambda = r.mode == "loss"
     refined, info = self.refine(z_flat, row_labels, positions, w, queue, r_ref,
@@ -267,46 +302,70 @@ class ConditionRefinement:
       aux, _ = diffloss_loss(fixed_head_fn, create_diffusion(1000), y_hat, tok_flat, w, r_aux, 1)
       extra += r.inverse_weight * aux
       metrics["condref/inverse_loss"] = aux
-    # Push after use: the queue this step refined against never held this batch.
-    idx = fit_rows(r_push, push_weights, min(int(r.push_per_step), b * l))
-    queue = push(queue, y_hat[idx], jnp.repeat(true_labels, l)[idx], positions[idx])
-    return head_in, extra, metrics, dict(extras, **{QUEUE_KEY: queue})
+    # Push after use: the queue this step refined against never held this batch. The source FIFO
+    # takes the generator's own conditions of loss rows, as the sampler will meet them.
+    n_push = min(int(r.push_per_step), b * l)
+    idx, pw = fit_rows(r_push, push_weights, n_push)
+    queue = push(queue, y_hat[idx], jnp.repeat(true_labels, l)[idx], positions[idx], valid=pw > 0)
+    idx, sw = fit_rows(r_source, w, n_push)
+    source = push(extras[SOURCE_KEY], zf[idx], row_labels[idx], positions[idx], valid=sw > 0)
+    return head_in, extra, metrics, dict(extras, **{QUEUE_KEY: queue, SOURCE_KEY: source})
 
   def sampling_params(self, params: dict, extras: dict) -> dict:
     """`Method.sampling_params`: the weights travel with the reference queue (read by runtime-mode
     sampling and by the condition-error analysis)."""
     if not self.enabled:
       return params
-    return dict(params, **{QUEUE_KEY: extras[QUEUE_KEY]})
+    return dict(params, **{k: extras[k] for k in (QUEUE_KEY, SOURCE_KEY) if k in extras})
 
-  def sampling_refiner(self, params: dict):
-    """refine_fn(z [n, D], labels [n], positions [n], fit weights [n], rng) -> z for the samplers
-    (runtime mode),
-    or None when refinement does not act at sampling. `params` as `sampling_params` made them."""
-    if self.cfg.mode != "runtime":
-      return None
-    if QUEUE_KEY not in params:
-      raise ValueError("condref.mode='runtime' samples against the checkpointed reference queue, "
-                       "but none was given; sample from a checkpoint of a runtime-mode run")
-    queue = params[QUEUE_KEY]
+  def sampling_map(self, params: dict):
+    """refine_fn(z [n, D], labels [n] (num_classes = null), positions [n]) -> z [n, D]: R fitted
+    once from the checkpointed queues in `params` (see the module docstring), identity until both
+    are full. Each row's result depends on that row alone."""
+    missing = [k for k in (QUEUE_KEY, SOURCE_KEY) if k not in params]
+    if missing:
+      raise ValueError(
+          f"condition refinement samples against the checkpointed queues, but {missing} are "
+          "missing: sample from a checkpoint of a run with condref on (a run saved before the "
+          "source queue existed must be trained again)")
+    r = self.cfg
+    queue, source = params[QUEUE_KEY], params[SOURCE_KEY]
+    src_rng, ref_rng = jax.random.split(jax.random.key(SAMPLING_MAP_SEED))
+    src, src_labels, src_pos = draw_reference(source, src_rng, r.num_points)
+    ref, ref_labels, ref_pos = draw_reference(queue, ref_rng, r.num_reference)
+    s_cls, s_pos = feature_scales(src, ref, r.class_cost, r.position_cost)
+    feats = lambda lab, pos: condition_features(lab, pos, self.num_classes, self.seq_len, s_cls, s_pos)
+    fitted = make_refiner(r, allow_lambda=False).fitted(src, feats(src_labels, src_pos), ref,
+                                                        feats(ref_labels, ref_pos))
+    full = queue_full(queue) & queue_full(source)
 
-    def refine_fn(z, labels, positions, weights, rng):
-      refined, _ = self.refine(z, labels, positions, weights, queue, rng)
-      return refined.astype(z.dtype)
+    def refine_fn(z, labels, positions):
+      return jnp.where(full, fitted(z, feats(labels, positions)), z.astype(jnp.float32)).astype(z.dtype)
 
     return refine_fn
 
+  def sampling_refiner(self, params: dict):
+    """The samplers' refine_fn (`sampling_map`) in runtime mode, or None when refinement does not
+    act at sampling. `params` as `sampling_params` made them."""
+    return self.sampling_map(params) if self.cfg.mode == "runtime" else None
 
-def for_generator(config: ml_collections.ConfigDict, model) -> ConditionRefinement:
-  """The refinement of a DiffLoss generator (MAR or GPT: `seq_len`, `width`, `token_dim`)."""
+
+def for_generator(config: ml_collections.ConfigDict, model,
+                  loss_tokens_per_image: int | None = None) -> ConditionRefinement:
+  """The refinement of a DiffLoss generator (MAR or GPT: `seq_len`, `width`, `token_dim`).
+  `loss_tokens_per_image`: the fewest loss-bearing tokens of an image (MAR: the fewest masked;
+  default every token), which with the (micro-)batch size bounds `num_points` and
+  `push_per_step`."""
   cfg = config.condref if "condref" in config else condref_config()   # runs from before condref
+  micro_batch = config.train.batch_size // max(int(config.train.grad_accum_steps), 1)
+  per_image = model.seq_len if loss_tokens_per_image is None else loss_tokens_per_image
   return ConditionRefinement(cfg, model.seq_len, model.width, model.token_dim,
-                             config.data.num_classes)
+                             config.data.num_classes, loss_rows=micro_batch * per_image)
 
 
 def generator_params(params: dict) -> dict:
   """The generator's own weights from a tree that may also hold E_φ and the sampling queue."""
-  return {k: v for k, v in params.items() if k not in (INVERSE_KEY, QUEUE_KEY)}
+  return {k: v for k, v in params.items() if k not in (INVERSE_KEY, QUEUE_KEY, SOURCE_KEY)}
 
 
 @dataclasses.dataclass(frozen=True)

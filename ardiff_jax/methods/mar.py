@@ -62,7 +62,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   schedule = mar_lib.cosine_schedule(seq_len, m.num_ar_steps)
   encoder_len = mar_lib.training_encoder_len(seq_len, model.buffer_size, m.mask_ratio_min)
   min_masked = math.ceil(seq_len * m.mask_ratio_min)
-  refinement = condref.for_generator(config, model)
+  refinement = condref.for_generator(config, model, loss_tokens_per_image=min_masked)
 
   def init_params(rng):
     own = model.init(rng, method=mar_lib.MAR.init_all)["params"]

@@ -34,18 +34,26 @@ def condition_features(labels: jax.Array, positions: jax.Array, num_classes: int
 
 
 def entropic_map(x: jax.Array, y: jax.Array, *, epsilon: float, iterations: int,
-                 tau_b: float = 1.0) -> tuple[Callable[[jax.Array], jax.Array], dict]:
-  """Fits entropic OT from x [n, d] to y [m, d] (uniform weights, squared Euclidean cost) and
-  returns (T, diagnostics), T: [k, d] -> [k, d] the entropic map (x − ½∇f), usable out of sample.
+                 tau_b: float = 1.0, a: jax.Array | None = None
+                 ) -> tuple[Callable[[jax.Array], jax.Array], dict]:
+  """Fits entropic OT from x [n, d] (marginal `a` [n], uniform if None) to y [m, d] (uniform,
+  squared Euclidean cost) and returns (T, diagnostics), T: [k, d] -> [k, d] the entropic map
+  (x − ½∇f), usable out of sample.
 
   The solve runs in float32 with a fixed number of Sinkhorn iterations (a multiple of 10: ott-jax
   runs them in blocks of 10) under stop-gradient.
   """
   if iterations <= 0 or iterations % 10:
     raise ValueError(f"iterations={iterations}: use a positive multiple of 10")
-  x, y = (jax.lax.stop_gradient(a.astype(jnp.float32)) for a in (x, y))
-  geom = pointcloud.PointCloud(x, y, epsilon=epsilon, relative_epsilon="std")
-  out = linear.solve(geom, tau_b=tau_b, min_iterations=iterations, max_iterations=iterations)
+  x, y = (jax.lax.stop_gradient(v.astype(jnp.float32)) for v in (x, y))
+  # ε relative to the std of the cost under the coupling's marginals a ⊗ uniform (uniform a: the
+  # plain std, ott's relative_epsilon="std"), so that a zero-mass row changes nothing.
+  wa = jnp.full((x.shape[0],), 1.0 / x.shape[0]) if a is None else a.astype(jnp.float32)
+  cost = (jnp.sum(x * x, -1)[:, None] + jnp.sum(y * y, -1)[None] - 2.0 * x @ y.T)
+  mean = jnp.sum(wa @ cost) / y.shape[0]
+  std = jnp.sqrt(jnp.sum(wa @ jnp.square(cost - mean)) / y.shape[0])
+  geom = pointcloud.PointCloud(x, y, epsilon=epsilon * std)
+  out = linear.solve(geom, a=a, tau_b=tau_b, min_iterations=iterations, max_iterations=iterations)
   potentials = out.to_dual_potentials()
   transport = lambda v: jax.lax.stop_gradient(potentials.transport(v.astype(jnp.float32)))
   info = {"converged": out.converged.astype(jnp.float32), "reg_ot_cost": out.reg_ot_cost}
@@ -65,8 +73,9 @@ class Refiner:
   """R(z): K JKO steps toward a reference point set, the static settings bound.
 
   `__call__(z [n, D], feats [n, F], fit_index [N], ref [N', D], ref_feats [N', F], y_hat [n, D] |
-  None) -> (refined z [n, D] float32, diagnostics of the last step)`. The OT is fitted on the
-  rows `fit_index` of z (re-fitted at each step on the moved points) and applied to every row.
+  None, fit_weights [N] | None) -> (refined z [n, D] float32, diagnostics of the last step)`. The
+  OT is fitted on the rows `fit_index` of z, with `fit_weights` as their marginal (re-fitted at
+  each step on the moved points), and applied to every row.
   """
   num_steps: int
   tau: float
@@ -75,7 +84,7 @@ class Refiner:
   iterations: int
   tau_b: float
 
-  def __call__(self, z, feats, fit_index, ref, ref_feats, y_hat=None):
+  def __call__(self, z, feats, fit_index, ref, ref_feats, y_hat=None, fit_weights=None):
     z = jax.lax.stop_gradient(z.astype(jnp.float32))
     d = z.shape[-1]
     target = jnp.concatenate([ref.astype(jnp.float32), ref_feats], -1)
@@ -83,12 +92,36 @@ class Refiner:
     def step(z, _):
       source = jnp.concatenate([z, feats], -1)
       transport, info = entropic_map(source[fit_index], target, epsilon=self.epsilon,
-                                     iterations=self.iterations, tau_b=self.tau_b)
+                                     iterations=self.iterations, tau_b=self.tau_b, a=fit_weights)
       mapped = transport(source)[:, :d]
       return jko_update(z, mapped, self.tau, self.lam, y_hat), info
 
     z, infos = jax.lax.scan(step, z, None, length=self.num_steps)
     return z, jax.tree.map(lambda v: v[-1], infos)
+
+  def fitted(self, source, source_feats, ref, ref_feats) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """R as a fixed map, fitted once on a stored source set [N, D] (features [N, F]): the K maps
+    are fitted in turn on the source moved by the ones before, and `apply(z [n, D], feats [n, F])`
+    moves each row by them alone, so a row's result never depends on the other rows. (λ = 0: no
+    paired ŷ exists for a new sample.)"""
+    d = source.shape[-1]
+    target = jnp.concatenate([ref.astype(jnp.float32), ref_feats], -1)
+    x = jax.lax.stop_gradient(source.astype(jnp.float32))
+    maps = []
+    for _ in range(self.num_steps):   # K is small and static
+      transport, _ = entropic_map(jnp.concatenate([x, source_feats], -1), target,
+                                  epsilon=self.epsilon, iterations=self.iterations,
+                                  tau_b=self.tau_b)
+      maps.append(transport)
+      x = jko_update(x, transport(jnp.concatenate([x, source_feats], -1))[:, :d], self.tau)
+
+    def apply(z, feats):
+      z = jax.lax.stop_gradient(z.astype(jnp.float32))
+      for transport in maps:
+        z = jko_update(z, transport(jnp.concatenate([z, feats], -1))[:, :d], self.tau)
+      return z
+
+    return apply
 
 
 # ------------------------------------------------------------------------ the reference queue
@@ -99,15 +132,19 @@ def init_queue(size: int, dim: int) -> dict:
           "count": jnp.zeros((), jnp.int32)}
 
 
-def push(queue: dict, conditions: jax.Array, labels: jax.Array, positions: jax.Array) -> dict:
-  """Appends P entries (overwriting the oldest once full). `count` is the total ever pushed."""
+def push(queue: dict, conditions: jax.Array, labels: jax.Array, positions: jax.Array,
+         valid: jax.Array | None = None) -> dict:
+  """Appends the P entries (those with `valid` [P] true, if given), overwriting the oldest once
+  full. `count` is the total ever pushed."""
   size = queue["conditions"].shape[0]
-  slots = (queue["count"] + jnp.arange(conditions.shape[0])) % size
-  return {"conditions": queue["conditions"].at[slots].set(
-              jax.lax.stop_gradient(conditions).astype(jnp.float32)),
-          "labels": queue["labels"].at[slots].set(labels.astype(jnp.int32)),
-          "positions": queue["positions"].at[slots].set(positions.astype(jnp.int32)),
-          "count": queue["count"] + conditions.shape[0]}
+  valid = jnp.ones(conditions.shape[:1], bool) if valid is None else valid.astype(bool)
+  offset = jnp.cumsum(valid) - 1
+  slots = jnp.where(valid, (queue["count"] + offset) % size, size)   # size: out of range, dropped
+  put = lambda a, v: a.at[slots].set(v, mode="drop")
+  return {"conditions": put(queue["conditions"], jax.lax.stop_gradient(conditions).astype(jnp.float32)),
+          "labels": put(queue["labels"], labels.astype(jnp.int32)),
+          "positions": put(queue["positions"], positions.astype(jnp.int32)),
+          "count": queue["count"] + jnp.sum(valid).astype(jnp.int32)}
 
 
 def queue_full(queue: dict) -> jax.Array:
@@ -120,13 +157,12 @@ def draw_reference(queue: dict, rng: jax.Array, n: int) -> tuple[jax.Array, jax.
   return queue["conditions"][idx], queue["labels"][idx], queue["positions"][idx]
 
 
-def fit_rows(rng: jax.Array, weights: jax.Array, n: int) -> jax.Array:
-  """n row indices among rows with weight > 0, fixed shape: distinct (Gumbel top-k) while there are
-  enough such rows, the rest re-drawn from them with replacement (never a zero-weight row, unless
-  every weight is zero)."""
-  r_top, r_fill = jax.random.split(rng)
+def fit_rows(rng: jax.Array, weights: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+  """n distinct row indices [n] drawn at random (Gumbel top-k), rows with weight > 0 first, and
+  their marginal [n]: the weights normalised, 0 for any zero-weight row the draw had to include
+  (never a duplicated row). All-zero weights give a uniform marginal."""
   positive = weights > 0
-  top = jax.lax.top_k(jax.random.gumbel(r_top, weights.shape) + jnp.where(positive, 0.0, -1e9), n)[1]
-  p = jnp.where(positive.any(), positive / jnp.maximum(positive.sum(), 1), 1.0 / weights.shape[0])
-  fill = jax.random.choice(r_fill, weights.shape[0], (n,), p=p)
-  return jnp.where(positive[top], top, fill)
+  idx = jax.lax.top_k(jax.random.gumbel(rng, weights.shape) + jnp.where(positive, 0.0, -1e9), n)[1]
+  w = jnp.where(positive[idx], weights[idx], 0.0).astype(jnp.float32)
+  total = jnp.sum(w)
+  return idx, jnp.where(total > 0, w / jnp.maximum(total, 1e-30), 1.0 / n)

@@ -25,7 +25,7 @@ def sample_tokens(model: GPT, params, labels: jax.Array, rng: jax.Array, *,
                   clip_x0: float = 0.0, refine_fn=None) -> jax.Array:
   """labels int32 [B] -> tokens [B, L, C] in grid order (generated in raster order, or in a random
   order per image when `model.random_order`). `refine_fn(z [n, D], labels [n] (num_classes =
-  null), positions [n], fit weights [n], rng) -> z` (condition refinement, runtime mode) acts on
+  null), positions [n]) -> z` (condition refinement, runtime mode: a fixed map, row by row) acts on
   every step's conditions before the head."""
   b, l, c = labels.shape[0], model.seq_len, model.token_dim
   apply = lambda *a, **kw: model.apply({"params": params}, *a, **kw)
@@ -58,8 +58,7 @@ def sample_tokens(model: GPT, params, labels: jax.Array, rng: jax.Array, *,
     else:
       scale = None
     if refine_fn is not None:
-      sub, r_ref = jax.random.split(sub)   # the OT is fitted on the conditional half only
-      z = refine_fn(z, cond, pos, (cond < model.num_classes).astype(jnp.float32), r_ref)
+      z = refine_fn(z, cond, pos)
     x = diffloss_sample(head_fn, c, diffusion, z, sub, temperature, scale, clip_x0)   # [B, C]
     tokens = tokens.at[jnp.arange(b), orders[:, i]].set(x.astype(tokens.dtype))
     emb = inputs(apply(double(x)[:, None], method=GPT.embed_tokens),

@@ -39,8 +39,8 @@ def sample_tokens(model: MAR, params, labels: jax.Array, rng: jax.Array, *,
 
   `cfg_scale` is static; guidance (the doubled batch) runs when `use_cfg`, by default when
   cfg_scale ≠ 1 (with scale 1 both paths give the same tokens). `refine_fn(z [n, D], labels [n]
-  (num_classes = null), positions [n], fit weights [n], rng) -> z` (condition refinement, runtime mode) acts on the
-  conditions of every step before the head.
+  (num_classes = null), positions [n]) -> z` (condition refinement, runtime mode: a fixed map,
+  row by row) acts on the conditions of every step before the head.
   """
   b, l, c = labels.shape[0], model.seq_len, model.token_dim
   apply = lambda *a, **kw: model.apply({"params": params}, *a, **kw)
@@ -72,11 +72,7 @@ def sample_tokens(model: MAR, params, labels: jax.Array, rng: jax.Array, *,
       gather_pos = jnp.concatenate([gather_pos, gather_pos])
     zsel = jnp.take_along_axis(z, gather_pos[..., None], axis=1).reshape(-1, z.shape[-1])
     if refine_fn is not None:
-      row_labels = jnp.repeat(cond_labels, k_max)
-      # The OT is fitted on the conditional rows' real slots (not the null half, not the padding).
-      fit = (jnp.tile(valid, cond_labels.shape[0]) & (row_labels < model.num_classes)).astype(jnp.float32)
-      sub, r_ref = jax.random.split(sub)
-      zsel = refine_fn(zsel, row_labels, gather_pos.reshape(-1), fit, r_ref)
+      zsel = refine_fn(zsel, jnp.repeat(cond_labels, k_max), gather_pos.reshape(-1))
     scale = cfg_at(cfg_scale, cfg_schedule, cfg_len, l) if use_cfg else None
     new = diffloss_sample(head_fn, c, diffusion, zsel, sub, temperature, scale, clip_x0)
     new = new.reshape(b, k_max, c)

@@ -8,6 +8,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ardiff_jax.evals import condition_error
 from ardiff_jax.methods import condref as cr
+from ardiff_jax.methods import get_method
 from ardiff_jax.models.mar import cosine_schedule
 from ardiff_jax.parallel import sharding as shd
 from ardiff_jax.train import checkpoint
@@ -131,7 +132,8 @@ def test_sharded_refinement_equals_single_device():
   assert jax.device_count() == 8
   rng = np.random.default_rng(3)
   r = cr.condref_config()
-  r.update(num_points=64, num_reference=96, queue_size=128, sinkhorn_iterations=30, num_steps=2)
+  r.update(num_points=64, num_reference=96, queue_size=128, push_per_step=64, sinkhorn_iterations=30,
+           num_steps=2)
   refinement = cr.ConditionRefinement(r, seq_len=4, cond_dim=8, token_dim=2, num_classes=3)
   queue = cr.push(cr.init_queue(128, 8), jnp.asarray(rng.normal(size=(128, 8)) + 1, jnp.float32),
                   jnp.asarray(rng.integers(0, 3, 128)), jnp.asarray(rng.integers(0, 4, 128)))
@@ -159,7 +161,7 @@ def test_queue_is_fifo_and_refinement_waits_until_it_is_full():
   np.testing.assert_array_equal(q["positions"], [4, 5, 2, 3])
   assert int(q["count"]) == 6 and bool(cr.queue_full(q))
   r = cr.condref_config()
-  r.update(num_points=4, num_reference=4, queue_size=8, sinkhorn_iterations=10)
+  r.update(num_points=4, num_reference=4, queue_size=8, push_per_step=4, sinkhorn_iterations=10)
   refinement = cr.ConditionRefinement(r, seq_len=6, cond_dim=2, token_dim=2, num_classes=3)
   z = jnp.arange(8.0).reshape(4, 2)
   out, info = refinement.refine(z, jnp.zeros(4, jnp.int32), jnp.zeros(4, jnp.int32), jnp.ones(4),
@@ -168,12 +170,59 @@ def test_queue_is_fifo_and_refinement_waits_until_it_is_full():
   assert float(info["queue_full"]) == 0.0
 
 
-def test_fit_rows_never_picks_a_zero_weight_row():
+def test_fit_rows_are_distinct_and_zero_weight_rows_carry_no_mass():
+  """Six rows of eight, three of them with weight: those three come first, every row once, and the
+  zero-weight rows the draw must include get marginal 0; a zero-marginal row leaves the fitted map
+  unchanged (the first version repeated positive rows instead)."""
   w = jnp.array([0, 1, 0, 1, 1, 0, 0, 0], jnp.float32)
-  rows = np.asarray(cr.fit_rows(jax.random.key(0), w, 6))
-  assert set(rows) <= {1, 3, 4} and set(rows[:3]) == {1, 3, 4}   # distinct first, then repeats
-  np.testing.assert_array_equal(np.sort(np.asarray(cr.fit_rows(jax.random.key(1), jnp.ones(5), 5))),
-                                np.arange(5))
+  rows, a = (np.asarray(v) for v in cr.fit_rows(jax.random.key(0), w, 6))
+  assert len(set(rows)) == 6 and set(rows[:3]) == {1, 3, 4}
+  np.testing.assert_allclose(a, [1 / 3] * 3 + [0] * 3)
+  rng = np.random.default_rng(6)
+  x, y, probe = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((5, 3), (7, 3), (4, 3)))
+  junk = jnp.concatenate([x, 50 + jnp.zeros((2, 3))])
+  fit = lambda pts, a: cr.entropic_map(pts, y, epsilon=0.1, iterations=200, a=a)[0](probe)
+  np.testing.assert_allclose(fit(junk, jnp.array([0.2] * 5 + [0, 0])), fit(x, None), atol=1e-5)
+
+
+def test_push_writes_only_valid_rows():
+  q = cr.push(cr.init_queue(4, 1), jnp.arange(4.0)[:, None], jnp.arange(4), jnp.arange(4),
+              valid=jnp.array([True, False, True, False]))
+  assert int(q["count"]) == 2
+  np.testing.assert_array_equal(q["conditions"][:, 0], [0, 2, 0, 0])
+
+
+def _filled_refinement(num_steps=2):
+  """A refinement with both queues full of random conditions (source and reference differ)."""
+  r = cr.condref_config()
+  r.update(mode="runtime", num_points=64, num_reference=96, queue_size=128, push_per_step=64,
+           sinkhorn_iterations=30, num_steps=num_steps)
+  refinement = cr.ConditionRefinement(r, seq_len=4, cond_dim=8, token_dim=2, num_classes=3)
+  rng = np.random.default_rng(7)
+  fill = lambda shift: cr.push(cr.init_queue(128, 8),
+                               jnp.asarray(rng.normal(size=(128, 8)) + shift, jnp.float32),
+                               jnp.asarray(rng.integers(0, 3, 128)), jnp.asarray(rng.integers(0, 4, 128)))
+  return refinement, {cr.QUEUE_KEY: fill(1.0), cr.SOURCE_KEY: fill(0.0)}
+
+
+def test_sampling_refinement_is_per_sample():
+  """The sampling map is fitted from the checkpointed queues alone: a row's refined condition is
+  bitwise the same whatever the other rows of its batch are, and (to float rounding) whatever
+  the batch size; the map does move the rows."""
+  refinement, params = _filled_refinement()
+  rng = np.random.default_rng(8)
+  z = jnp.asarray(rng.normal(size=(12, 8)), jnp.float32)
+  labels, pos = jnp.asarray(rng.integers(0, 4, 12)), jnp.asarray(rng.integers(0, 4, 12))
+  fn = jax.jit(lambda p, z, lab, ps: refinement.sampling_map(p)(z, lab, ps))
+  base = np.asarray(fn(params, z, labels, pos))
+  other = z.at[1:].set(jnp.asarray(rng.normal(size=(11, 8)) * 3, jnp.float32))
+  other_labels = labels.at[1:].set(3)                     # all others: the null class
+  np.testing.assert_array_equal(np.asarray(fn(params, other, other_labels, pos))[0], base[0])
+  np.testing.assert_allclose(np.asarray(fn(params, z[:3], labels[:3], pos[:3])), base[:3],
+                             rtol=1e-6, atol=1e-6)
+  assert np.abs(base - np.asarray(z)).max() > 0.1
+  idle = dict(params, **{cr.SOURCE_KEY: cr.init_queue(128, 8)})   # the source not yet full
+  np.testing.assert_array_equal(np.asarray(fn(idle, z, labels, pos)), np.asarray(z))
 
 
 @pytest.mark.parametrize("settings,message", [
@@ -182,12 +231,28 @@ def test_fit_rows_never_picks_a_zero_weight_row():
     (dict(num_reference=5000), "queue_size"),
     (dict(sinkhorn_iterations=64), "multiple of 10"),
     (dict(reference="ema_teacher", lambda_weight=0.1), "paired ideal condition"),
+    (dict(tau_b=0.0), r"tau_b=0.0: .* \(0, 1\]"),
+    (dict(tau_b=1.5), r"tau_b=1.5"),
+    (dict(push_per_step=5000), "push_per_step=5000 exceeds condref.queue_size"),
+    (dict(mode="runtime", num_points=3000), r"num_points=3000 exceeds the 2000 loss-bearing"),
+    (dict(mode="loss", push_per_step=2048), r"push_per_step=2048 exceeds the 2000"),
 ])
 def test_config_errors_name_the_field(settings, message):
   r = cr.condref_config()
   r.update(settings)
   with pytest.raises(ValueError, match=message):
-    cr.validate(r)
+    cr.validate(r, loss_rows=2000)
+
+
+def test_mar_bounds_the_fit_set_by_its_fewest_masked_tokens():
+  """MAR's loss rows are its masked tokens: at least ⌈0.7·16⌉ = 12 of 16 per digit, so a batch
+  of 64 holds 768 of them, and the digits settings (512 fit points, 256 pushed) fit."""
+  config = load_config("mar_digits", "condref=runtime")
+  config.tokenizer.latent_scale = 1.0     # no latent cache needed to build the method
+  get_method(config)
+  config.condref.num_points = 800
+  with pytest.raises(ValueError, match="num_points=800 exceeds the 768 loss-bearing"):
+    get_method(config)
 
 
 # ------------------------------------------------------------------- inside a generator
@@ -208,9 +273,9 @@ def test_runtime_mode_never_feeds_the_samples_own_ground_truth_to_the_head():
   params = refinement.init_params(jax.random.key(0))
   extras = refinement.init_extras(jax.random.key(0))
   q = extras[cr.QUEUE_KEY]
-  extras = {cr.QUEUE_KEY: cr.push(q, jnp.asarray(rng.normal(size=(128, 8)), jnp.float32),
-                                  jnp.asarray(rng.integers(0, 10, 128)),
-                                  jnp.asarray(rng.integers(0, 16, 128)))}
+  extras = dict(extras, **{cr.QUEUE_KEY: cr.push(q, jnp.asarray(rng.normal(size=(128, 8)), jnp.float32),
+                                                 jnp.asarray(rng.integers(0, 10, 128)),
+                                                 jnp.asarray(rng.integers(0, 16, 128)))})
   z = jnp.asarray(rng.normal(size=(8, 16, 8)), jnp.float32)
   labels = jnp.arange(8) % 10
   weights = jnp.asarray(rng.random((8, 16)) < 0.8)
@@ -259,7 +324,7 @@ def test_generators_train_checkpoint_and_sample_with_refinement(name, mode, tmp_
                    jax.random.key(0))
   assert with_queue.shape[0] == 4 and with_queue.dtype == jnp.uint8
   if mode == "runtime":
-    with pytest.raises(ValueError, match="reference queue"):
+    with pytest.raises(ValueError, match="checkpointed queues"):
       exp.method.generate(state.params, frozen, labels, jax.random.key(0))
     # The same weights against a queue that is not full: no refinement, other samples. (The head
     # is perturbed so that three training steps' worth of weights already depend on z.)
