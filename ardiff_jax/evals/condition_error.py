@@ -9,8 +9,8 @@ tokens), a fixed noise ε and x_t at a set of timesteps t:
                      c* = E_φ(x₀), the inverse encoder's ideal condition (runs with condref on or
                      in `probe` mode)
   score vs AR step   s_i = E‖ε̂(·, c_i) − ε̂(·, c_∅)‖ / σ_t at `score_t`, per AR step i (MAR
-                     iteration or raster index), fitted by s_i ≈ M·βⁱ + m (the paper's Thm 2
-                     claims β < 1)
+                     iteration or raster index), fitted by s_i ≈ M·βⁱ + m with M ≥ 0 and a
+                     confidence interval for β (`fit_decay`; the paper's Thm 2 claims β < 1)
 
 for each condition variant: `raw` (c), `refined` (R(c) against the run's queue, when it is full)
 and `ideal` (c*). Results go to `eval/condition_error_<step>.json` and a PNG of the three curves.
@@ -37,20 +37,45 @@ def default_timesteps(num: int = 10, highest: int = 900) -> list[int]:
   return [int(t) for t in np.linspace(highest, 0, num).round()]
 
 
-def fit_decay(steps: np.ndarray, s: np.ndarray) -> dict:
-  """Least-squares fit of s ≈ M·βˢᵗᵉᵖ + m over a grid of β ∈ (0, 1.2] (M, m in closed form)."""
+BETA_GRID = np.linspace(0.01, 2.0, 400)
+
+
+def _fit_at(beta: float, steps: np.ndarray, s: np.ndarray) -> tuple[float, float, float]:
+  """(SSE, M, m) of the least-squares fit s ≈ M·β^(k − k₀) + m with M ≥ 0 (m free)."""
+  basis = np.stack([beta ** (steps - steps.min()), np.ones_like(steps)], 1)
+  (scale, floor), *_ = np.linalg.lstsq(basis, s, rcond=None)
+  if scale < 0:   # the constraint binds: a flat line
+    scale, floor = 0.0, float(s.mean())
+  return float(np.sum((basis @ np.array([scale, floor]) - s) ** 2)), float(scale), float(floor)
+
+
+def fit_decay(steps: np.ndarray, s: np.ndarray, level: float = 0.95) -> dict:
+  """Fits s ≈ M·βᵏ + m with M ≥ 0 over β ∈ (0, 2] (the paper's Theorem 2: β < 1).
+
+  M ≥ 0 makes β readable: with M free, a rising sequence m − |M|·βᵏ fits β < 1 as well as a
+  falling one does. Returns β, M, m, r², β's `level` profile-likelihood interval (the β whose
+  SSE ≤ SSE_min·(1 + F(level; 1, n − 3)/(n − 3)); the whole grid when n ≤ 3 or M = 0, where β
+  is not identified), whether the best β lies on the grid's edge, and `decays`: M > 0 and the
+  interval below 1.
+  """
+  from scipy import stats  # pylint: disable=g-import-not-at-top
   steps, s = np.asarray(steps, np.float64), np.asarray(s, np.float64)
-  best = None
-  for beta in np.linspace(0.01, 1.2, 239):
-    basis = np.stack([beta ** (steps - steps.min()), np.ones_like(steps)], 1)
-    coef, *_ = np.linalg.lstsq(basis, s, rcond=None)
-    err = float(np.sum((basis @ coef - s) ** 2))
-    if best is None or err < best[0]:
-      best = (err, beta, coef)
-  err, beta, (m_scale, floor) = best
+  fits = [_fit_at(b, steps, s) for b in BETA_GRID]
+  sse = np.array([f[0] for f in fits])
+  i = int(np.argmin(sse))
+  err, scale, floor = fits[i]
+  dof = len(s) - 3
+  if dof > 0 and scale > 0:
+    limit = err * (1.0 + stats.f.ppf(level, 1, dof) / dof)
+    inside = BETA_GRID[sse <= limit + 1e-12 * max(err, 1e-30)]
+    interval = [float(inside.min()), float(inside.max())]
+  else:
+    interval = [float(BETA_GRID[0]), float(BETA_GRID[-1])]
   total = float(np.sum((s - s.mean()) ** 2))
-  return {"beta": float(beta), "M": float(m_scale), "m": float(floor),
-          "r2": 1.0 - err / total if total > 0 else 1.0}
+  return {"beta": float(BETA_GRID[i]), "M": scale, "m": floor,
+          "r2": 1.0 - err / total if total > 0 else 1.0, "beta_interval": interval,
+          "interval_level": level, "beta_at_grid_edge": i in (0, len(BETA_GRID) - 1),
+          "decays": bool(scale > 0 and interval[1] < 1.0)}
 
 
 def _denoise(head, params, diffusion, x0, t, noise, z):
@@ -129,6 +154,7 @@ def summary(result: dict) -> dict:
   fit = result["score_by_step"]["fit"]
   if fit:
     out["cond_err/score_decay_beta"] = fit["beta"]
+    out["cond_err/score_decay_beta_low"], out["cond_err/score_decay_beta_high"] = fit["beta_interval"]
   return out
 
 
@@ -150,8 +176,9 @@ def plot(result: dict, path: str) -> None:
   if sb["fit"]:
     k = np.asarray(sb["steps"], np.float64)
     f = sb["fit"]
+    lo, hi = f["beta_interval"]
     axes[2].plot(k, f["M"] * f["beta"] ** (k - k.min()) + f["m"], "-",
-                 label=f"M·β^i + m, β={f['beta']:.3f}")
+                 label=f"M·β^i + m, β={f['beta']:.3f} [{lo:.2f}, {hi:.2f}], r²={f['r2']:.2f}")
   axes[2].set(xlabel="AR step i", ylabel="‖ε̂(c_i) − ε̂(c_∅)‖/σ_t", title=f"condition score, t={sb['t']}")
   if not axes[1].lines:
     axes[1].text(0.5, 0.5, "no ideal condition\n(E_φ is trained only with condref on\nor in probe mode)",

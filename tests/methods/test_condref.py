@@ -360,10 +360,25 @@ def mar_schedule(seq_len, num_steps):
   return [e - b for b, e in zip(s.starts, s.ends)]
 
 
-def test_fit_decay_recovers_an_exponential():
+def test_fit_decay_recovers_an_exponential_and_its_interval():
   steps = np.arange(20)
-  fit = condition_error.fit_decay(steps, 2.0 * 0.8 ** steps + 0.5)
-  assert abs(fit["beta"] - 0.8) < 0.006 and abs(fit["m"] - 0.5) < 0.02 and fit["r2"] > 0.999
+  noise = 0.01 * np.random.default_rng(9).normal(size=20)
+  fit = condition_error.fit_decay(steps, 2.0 * 0.8 ** steps + 0.5 + noise)
+  assert abs(fit["beta"] - 0.8) < 0.02 and abs(fit["m"] - 0.5) < 0.03 and fit["r2"] > 0.99
+  lo, hi = fit["beta_interval"]
+  assert lo <= 0.8 <= hi < 0.9 and fit["decays"] and fit["M"] > 0
+
+
+def test_fit_decay_does_not_read_a_rising_or_flat_sequence_as_decay():
+  """With M free, 0.9 − 0.2·0.8ⁱ (rising) fitted β = 0.80 exactly like a decay; with M ≥ 0 it
+  cannot, and a flat sequence leaves β unidentified (the interval spans the grid)."""
+  steps = np.arange(16)
+  rising = condition_error.fit_decay(steps, 0.9 - 0.2 * 0.8 ** steps)
+  assert not rising["decays"] and (rising["M"] == 0 or rising["beta"] > 1)
+  flat = condition_error.fit_decay(steps, np.full(16, 0.7))
+  assert not flat["decays"] and flat["M"] == 0
+  assert flat["beta_interval"] == [float(condition_error.BETA_GRID[0]),
+                                   float(condition_error.BETA_GRID[-1])]
 
 
 @pytest.mark.slow
