@@ -57,6 +57,9 @@ class Method:
     check_batch: (a host batch of the training data, NumPy) -> None, raising ValueError with the
       fix when the data does not fit the method (e.g. codes of another tokenizer); the engine
       calls it on a first batch before anything is written.
+    auxiliary_params: params -> bool tree, True for parameters trained beside the model as an
+      instrument (condition refinement's E_φ); the optimizer clips their gradient by its own
+      global norm, so they never rescale the model's update. None: one norm over all.
   """
   name: str
   model: Any
@@ -76,6 +79,7 @@ class Method:
   condition_probe: Any = None
   loss_reads_ema: bool = False
   check_batch: Callable[[dict], None] | None = None
+  auxiliary_params: Callable[[PyTree], PyTree] | None = None
 
 
 def frozen_run_loader(workdir: str, part: str, field: str, kind: str):

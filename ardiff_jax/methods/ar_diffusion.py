@@ -126,4 +126,5 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
                 generate_from="labels", load_frozen=lt.tokenizer_loader(a.tokenizer_workdir),
                 init_frozen=lt.tokenizer_init(config), init_extras=refinement.init_extras,
                 sampling_params=refinement.sampling_params, condition_probe=probe,
-                loss_reads_ema=refinement.uses_teacher)
+                loss_reads_ema=refinement.uses_teacher,
+                auxiliary_params=refinement.auxiliary_params())

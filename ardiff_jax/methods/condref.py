@@ -26,10 +26,10 @@ with the run) and filled after each step from
 Modes (`condref.mode`):
   `off`      nothing changes;
   `probe`    the baseline with the instruments: E_φ trains and the queue fills (for the
-             condition-error analysis), the generator's loss and conditions are untouched (E_φ's
+             condition-error analysis), the generator's update is the one `off` makes (E_φ's
              input is ground truth and the head is held fixed in its loss, so no gradient reaches
-             the generator; only the global-norm clip sees E_φ's gradients too). The logged `loss`
-             includes w_inv·L_aux; compare runs on `mse` + `vb`;
+             the generator, and E_φ's gradient is clipped by its own norm: `auxiliary_params`;
+             test). The logged `loss` includes w_inv·L_aux; compare runs on `mse` + `vb`;
   `loss`     L = L_diff(z) + w·‖z − sg(R(z))‖² + w_λ·‖z − sg(ŷ)‖² (+ w_inv·L_aux), the squared
              norms averaged over the D dimensions and the loss tokens; sampling unchanged;
   `runtime`  the head consumes z + sg(R(z) − z) (value R(z), gradient of the identity) in training,
@@ -210,6 +210,12 @@ class ConditionRefinement:
       return {}
     x = jnp.zeros((1, self.token_dim), jnp.float32)
     return {INVERSE_KEY: self.inverse.init(rng, x, jnp.zeros((1,), jnp.int32))["params"]}
+
+  def auxiliary_params(self):
+    """`Method.auxiliary_params`: E_φ's parameters (None when there is no E_φ)."""
+    if not self.enabled or self.uses_teacher:
+      return None
+    return lambda params: {k: jax.tree.map(lambda _: k == INVERSE_KEY, v) for k, v in params.items()}
 
   def init_extras(self, rng: jax.Array) -> dict:
     """{QUEUE_KEY: reference ŷ, SOURCE_KEY: the generator's own z} FIFOs (empty when off)."""

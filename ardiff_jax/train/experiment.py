@@ -74,7 +74,8 @@ def build_experiment(config: ml_collections.ConfigDict, devices=None) -> Experim
   validate_config(config, mesh)
   method = get_method(config)
   decay_mask = method.decay_mask or optim.default_decay_mask
-  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps, decay_mask)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps, decay_mask,
+                                      method.auxiliary_params)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   abstract, shardings = state_shardings(method, tx, mesh, rules)
   return Experiment(config, mesh, method, tx, schedule, abstract, shardings)

@@ -2,7 +2,10 @@
 
 AdamW with a weight-decay mask (the method decides which parameters decay: MAR decays neither
 biases, norms nor the diffusion head), linear warmup followed by a constant or cosine schedule,
-and global-norm clipping. The gradient norm itself is logged by the train step, before clipping.
+and global-norm clipping: over all parameters, or, when the method names auxiliary parameters
+(condition refinement's inverse encoder), over the model's and the auxiliary ones separately, so
+that training an instrument beside a model never rescales the model's update. The gradient norm
+itself is logged by the train step, before clipping.
 """
 from __future__ import annotations
 
@@ -40,12 +43,19 @@ def default_decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int,
-                   decay_mask: Callable[[Any], Any] = default_decay_mask
+                   decay_mask: Callable[[Any], Any] = default_decay_mask,
+                   auxiliary: Callable[[Any], Any] | None = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW after clipping; `auxiliary`: params -> bool tree, True for parameters clipped by their
+  own global norm (None: one norm over everything)."""
   schedule = make_schedule(cfg, num_steps)
   parts = []
   if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+    clip = optax.clip_by_global_norm(cfg.grad_clip_norm)
+    if auxiliary is not None:
+      groups = lambda params: jax.tree.map(lambda a: "auxiliary" if a else "model", auxiliary(params))
+      clip = optax.multi_transform({"model": clip, "auxiliary": clip}, groups)
+    parts.append(clip)
   parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay, mask=decay_mask))
   return optax.chain(*parts), schedule
