@@ -44,9 +44,13 @@ def eval_data_config(config: ml_collections.ConfigDict) -> ml_collections.Config
   return config.eval.data if "data" in config.eval else config.data
 
 
-def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
-  """[N] labels with equal counts per class (±1), in class order: 0,0,…,1,1,… as MAR evaluates."""
+def balanced_labels(num_samples: int, num_classes: int, interleave: bool = False) -> np.ndarray:
+  """[N] labels with equal counts per class (±1): in class order, 0,0,…,1,1,… (one grid row per
+  class), or interleaved, 0,1,…,K−1,0,1,… (`--mode eval`: every generation batch holds every
+  class, so nothing batch-level can meet one class at a time)."""
   per_class = -(-num_samples // num_classes)
+  if interleave:
+    return np.tile(np.arange(num_classes), per_class)[:num_samples].astype(np.int32)
   return np.repeat(np.arange(num_classes), per_class)[:num_samples].astype(np.int32)
 
 

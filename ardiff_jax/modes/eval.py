@@ -73,7 +73,8 @@ def _model_images(config, exp, params, data_cfg, real):
     inputs = {"image": transforms.to_unit_range(images),
               "label": labels.astype(np.int32)}
   else:
-    labels = evaluator.balanced_labels(config.eval.num_samples, data_cfg.num_classes)
+    labels = evaluator.balanced_labels(config.eval.num_samples, data_cfg.num_classes,
+                                       interleave=True)
     inputs = {"label": labels}
   images = evaluator.generate_images(exp, params, inputs, config.eval.batch_size, config.seed + 1,
                                      checkpoint.load_frozen(exp.method))

@@ -177,3 +177,13 @@ def test_training_runs_the_evaluation_every_k_steps(config, tmp_path):
   assert sorted(evals) == [2, 4]
   assert all(np.isfinite(r["eval/fd_clf"]) and "eval/class_accuracy" in r for r in evals.values())
   assert sorted(os.listdir(tmp_path / "eval")) == ["2.json", "4.json"]
+
+
+def test_eval_labels_interleave_the_classes():
+  """`--mode eval` labels: equal counts per class, and every run of K consecutive labels holds
+  every class (a batch of 100 digits is no longer one class); grids keep class order."""
+  from ardiff_jax.evals.evaluator import balanced_labels  # pylint: disable=g-import-not-at-top
+  labels = balanced_labels(1003, 10, interleave=True)
+  assert np.bincount(labels).tolist() == [101, 101, 101] + [100] * 7
+  assert all(sorted(labels[i:i + 10]) == list(range(10)) for i in range(0, 1000, 10))
+  assert balanced_labels(6, 3).tolist() == [0, 0, 1, 1, 2, 2]
