@@ -39,7 +39,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   ae = build_autoencoder(tcfg, config.train.compute_dtype)
   disc = losses.PatchDiscriminator(ndf=tcfg.disc_ndf, n_layers=tcfg.disc_layers) if tcfg.disc_enabled else None
   size = config.data.image_size
-  perceptual = rec_lib.perceptual_loss(tcfg, size)
+  perceptual_loss = rec_lib.lazy_perceptual_loss(tcfg, size)
 
   def init_params(rng):
     x = jnp.zeros((1, size, size, 3), jnp.float32)
@@ -57,6 +57,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     num_elements = int(np.prod(x.shape[1:]))
     rec = losses.reconstruction_loss(x, x_rec, tcfg.rec_loss)               # [B]
     metrics = {"rec_loss": jnp.mean(rec) / num_elements}
+    perceptual = perceptual_loss()
     if perceptual is not None:
       p_loss = perceptual(x, x_rec)                                         # [B]
       rec = rec + tcfg.perceptual_weight * p_loss * num_elements

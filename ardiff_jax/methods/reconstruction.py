@@ -32,14 +32,16 @@ def perceptual_loss(tcfg: ml_collections.ConfigDict, image_size: int
                     ) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
   """(x, x̂) [B,H,W,3] -> LPIPS [B] with the user's weights, or None: the perceptual term is off.
 
-  Off when `tcfg.perceptual_weight` is 0, and, with a warning (logged once: the factory runs once
-  per run), when `tcfg.lpips_vgg16` / `tcfg.lpips_lin` are unset, since LPIPS weights are never
-  bundled or downloaded. A path that is set but wrong is an error. The LPIPS weights enter the
-  jitted step as constants: they are not trained and not checkpointed.
+  Off when `tcfg.perceptual_weight` is 0 (or absent: a run saved before LPIPS existed trained
+  without it), and, with a warning, when `tcfg.lpips_vgg16` / `tcfg.lpips_lin` are unset, since
+  LPIPS weights are never bundled or downloaded. A path that is set but wrong is an error. The
+  LPIPS weights enter the jitted step as constants: they are not trained and not checkpointed.
+  Objectives call this when their loss is first built (`lazy_perceptual_loss`), so restoring a
+  tokenizer to encode or decode never reads VGG16.
   """
-  if not tcfg.perceptual_weight:
+  if not tcfg.get("perceptual_weight", 0.0):
     return None
-  if not (tcfg.lpips_vgg16 and tcfg.lpips_lin):
+  if not (tcfg.get("lpips_vgg16", "") and tcfg.get("lpips_lin", "")):
     logging.warning(
         "tokenizer.perceptual_weight=%s, but tokenizer.lpips_vgg16 and tokenizer.lpips_lin are not "
         "both set: training without the perceptual term (weight 0). To train with LPIPS, point them "
@@ -54,6 +56,19 @@ def perceptual_loss(tcfg: ml_collections.ConfigDict, image_size: int
       lin_field="tokenizer.lpips_lin"))
   net = lpips.LPIPS()
   return lambda x, x_rec: net.apply(variables, x, x_rec)
+
+
+def lazy_perceptual_loss(tcfg: ml_collections.ConfigDict, image_size: int):
+  """() -> `perceptual_loss(tcfg, image_size)`, computed on the first call only (so the warning of
+  an unset LPIPS is logged once per run)."""
+  cache = []
+
+  def get():
+    if not cache:
+      cache.append(perceptual_loss(tcfg, image_size))
+    return cache[0]
+
+  return get
 
 
 def adversarial_terms(disc: losses.PatchDiscriminator, disc_params, x: jax.Array,

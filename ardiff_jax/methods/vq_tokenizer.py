@@ -41,7 +41,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   disc = (losses.PatchDiscriminator(ndf=tcfg.disc_ndf, n_layers=tcfg.disc_layers)
           if tcfg.disc_enabled else None)
   size = config.data.image_size
-  perceptual = rec_lib.perceptual_loss(tcfg, size)
+  perceptual_loss = rec_lib.lazy_perceptual_loss(tcfg, size)
 
   def init_params(rng):
     x = jnp.zeros((1, size, size, 3), jnp.float32)
@@ -64,6 +64,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     loss = tcfg.rec_weight * rec + codebook + commit
     metrics = {"rec_loss": rec, "codebook_loss": codebook, "commit_loss": commit,
                "psnr": jnp.mean(rec_lib.psnr(x, x_rec))}
+    perceptual = perceptual_loss()
     if perceptual is not None:
       metrics["perceptual_loss"] = jnp.mean(perceptual(x, x_rec))
       loss = loss + tcfg.perceptual_weight * metrics["perceptual_loss"]

@@ -155,3 +155,18 @@ def test_kl_tokenizer_adds_lpips_to_every_element_as_ldm(lpips_files):
   on, metrics = _losses(config, x)
   assert metrics["perceptual_loss"] > 0
   assert on - off == pytest.approx(0.5 * metrics["perceptual_loss"] * 16 * 16 * 3, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["vq_digits", "kl_digits"])
+def test_a_tokenizer_run_saved_before_lpips_still_builds_and_trains(name):
+  """Generators restore their tokenizer run from its saved config.json; one written before the
+  LPIPS fields existed (no perceptual_weight, lpips_vgg16, lpips_lin) must still build, as a run
+  trained without LPIPS."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = load_config(name, "tiny")
+  config.tokenizer = ml_collections.ConfigDict(
+      {k: v for k, v in config.tokenizer.items()
+       if k not in ("perceptual_weight", "lpips_vgg16", "lpips_lin")})
+  x = np.random.default_rng(5).uniform(-1, 1, size=(2, 16, 16, 3)).astype(np.float32)
+  loss, metrics = _losses(config, x)
+  assert np.isfinite(loss) and "perceptual_loss" not in metrics
