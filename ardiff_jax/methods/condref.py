@@ -225,10 +225,11 @@ class ConditionRefinement:
     return {QUEUE_KEY: init_queue(self.cfg.queue_size, self.cond_dim),
             SOURCE_KEY: init_queue(self.cfg.queue_size, self.cond_dim)}
 
-  def _features(self, z, labels, positions, ref, ref_labels, ref_positions):
+  def _feature_fn(self, z, ref):
+    """(labels [n], positions [n]) -> class/position features [n, F], scaled for the point sets
+    z and ref (`feature_scales`)."""
     s_cls, s_pos = feature_scales(z, ref, self.cfg.class_cost, self.cfg.position_cost)
-    feats = lambda lab, pos: condition_features(lab, pos, self.num_classes, self.seq_len, s_cls, s_pos)
-    return feats(labels, positions), feats(ref_labels, ref_positions)
+    return lambda lab, pos: condition_features(lab, pos, self.num_classes, self.seq_len, s_cls, s_pos)
 
   def refine(self, z, labels, positions, weights, queue, rng, y_hat=None, allow_lambda=False):
     """Training's R(z), fitted on this batch: rows z [n, D] with labels [n] (num_classes = null),
@@ -242,7 +243,8 @@ class ConditionRefinement:
     num_fit = min(int(r.num_points), n)
     fit_index, fit_weights = fit_rows(fit_rng, weights, num_fit)
     z32 = jax.lax.stop_gradient(z.astype(jnp.float32))
-    feats, ref_feats = self._features(z32[fit_index], labels, positions, ref, ref_labels, ref_pos)
+    feature_fn = self._feature_fn(z32[fit_index], ref)
+    feats, ref_feats = feature_fn(labels, positions), feature_fn(ref_labels, ref_pos)
     refined, info = make_refiner(r, allow_lambda=allow_lambda)(z32, feats, fit_index, ref, ref_feats,
                                                                  y_hat, fit_weights)
     full = queue_full(queue)
@@ -339,8 +341,7 @@ class ConditionRefinement:
     src_rng, ref_rng = jax.random.split(jax.random.key(SAMPLING_MAP_SEED))
     src, src_labels, src_pos = draw_reference(source, src_rng, r.num_points)
     ref, ref_labels, ref_pos = draw_reference(queue, ref_rng, r.num_reference)
-    s_cls, s_pos = feature_scales(src, ref, r.class_cost, r.position_cost)
-    feats = lambda lab, pos: condition_features(lab, pos, self.num_classes, self.seq_len, s_cls, s_pos)
+    feats = self._feature_fn(src, ref)
     fitted = make_refiner(r, allow_lambda=False).fitted(src, feats(src_labels, src_pos), ref,
                                                         feats(ref_labels, ref_pos))
     full = queue_full(queue) & queue_full(source)

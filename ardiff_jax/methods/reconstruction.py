@@ -6,6 +6,7 @@ Shape letters: B batch, H/W height/width.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -61,14 +62,7 @@ def perceptual_loss(tcfg: ml_collections.ConfigDict, image_size: int
 def lazy_perceptual_loss(tcfg: ml_collections.ConfigDict, image_size: int):
   """() -> `perceptual_loss(tcfg, image_size)`, computed on the first call only (so the warning of
   an unset LPIPS is logged once per run)."""
-  cache = []
-
-  def get():
-    if not cache:
-      cache.append(perceptual_loss(tcfg, image_size))
-    return cache[0]
-
-  return get
+  return functools.cache(lambda: perceptual_loss(tcfg, image_size))
 
 
 def adversarial_terms(disc: losses.PatchDiscriminator, disc_params, x: jax.Array,
