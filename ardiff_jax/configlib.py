@@ -130,6 +130,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.condition_error_samples = 128  # held-out images of the condition-error analysis (0: off;
                                         # DiffLoss generators only, evals/condition_error.py)
   c.eval.condition_error_score_t = 500  # timestep of the score-vs-AR-step fit
+  c.eval.condition_error_seed = 0     # held-out subset and noise of the analysis: the same for
+                                      # every run, so analyses compare across models
   c.eval.feature_net = feature_net_defaults()
   c.eval.inception_weights = ""       # converted FID Inception .npz (convert/inception.py)
   c.eval.fid_stats = ""               # reference mu/sigma .npz; "" -> from the held-out split

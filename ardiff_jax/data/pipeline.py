@@ -3,6 +3,7 @@
 Layout of one pipeline (B = per-process batch, S = image side):
 
   MapDataset.source(source)                   global, random access
+    .map_with_index(attach source index)      the example's id, stable across epochs and views
     [train] .shuffle(seed).repeat()           new permutation each epoch (grain seeds epoch e with seed+e)
     .map_with_index(decode [+ flip])          uses the GLOBAL stream index -> independent of process count
     [p::P]                                    process p takes global positions p, p+P, p+2P, ...
@@ -11,7 +12,7 @@ Layout of one pipeline (B = per-process batch, S = image side):
                                               which restores the in-process element order
     .filter(drop_unreadable)                  main process: counts corrupt images, warns once
     .batch(B, drop_remainder=train)           main process, so batches do not depend on num_workers
-    .map(finalize)                            uint8 -> float32 [-1, 1], labels -> int32
+    .map(finalize)                            uint8 -> float32 [-1, 1], labels and ids -> int32
 
 Decoding in workers but batching in the main process moves single examples
 between processes (uint8 images, 4x smaller than float) and keeps the element
@@ -146,10 +147,28 @@ def _select_view(index: int, record: dict[str, Any], *, flip_seed: int | None) -
   return {"codes": record["codes"][view], "label": record["label"]}
 
 
+def _attach_index(index: int, record: Any, *, size: int) -> tuple[int, Any]:
+  """Before the shuffle, `index` modulo the source's `size` is the record's position in its
+  source (grain's repeat and shuffle address later epochs by indices past the end): the
+  example's id."""
+  return index % size, record
+
+
+def _decode_with_id(index: int, item: tuple[int, Any], *, decode) -> dict[str, Any]:
+  """(stream index, (source index, record)) -> decode(stream index, record) plus "index": the
+  source index, so that a method can tell two draws of one example apart from two examples."""
+  source_index, record = item
+  out = decode(index, record)
+  if _UNREADABLE not in out:
+    out["index"] = source_index
+  return out
+
+
 def _finalize_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Stacked batch -> contract dtypes: image f32 [b, S, S, 3] in [-1, 1] (or moments f32, codes
-  int32), label int32 [b]."""
-  out = {"label": np.asarray(batch["label"], dtype=np.int32)}
+  int32), label int32 [b], index int32 [b] (each example's position in its source split)."""
+  out = {"label": np.asarray(batch["label"], dtype=np.int32),
+         "index": np.asarray(batch["index"], dtype=np.int32)}
   if "image" in batch:
     out["image"] = transforms.to_unit_range(batch["image"])
   elif "codes" in batch:
@@ -257,6 +276,7 @@ def _read_options(batch_size: int, num_workers: int) -> grain.ReadOptions:
 def _global_map_dataset(data_cfg, source, *, seed: int, train: bool) -> grain.MapDataset:
   """Global (all-process) stream: shuffled+repeated in training, decoded by global index."""
   ds = grain.MapDataset.source(source)
+  ds = ds.map_with_index(functools.partial(_attach_index, size=len(source)))
   if train:
     # shuffle before repeat: the repeat passes the global index through, and the
     # shuffle seeds epoch e with seed+e, so every epoch gets a new permutation.
@@ -266,7 +286,7 @@ def _global_map_dataset(data_cfg, source, *, seed: int, train: bool) -> grain.Ma
     decode = functools.partial(_select_view, flip_seed=flip_seed)
   else:
     decode = functools.partial(_decode_image, image_size=data_cfg.image_size, flip_seed=flip_seed)
-  return ds.map_with_index(decode)
+  return ds.map_with_index(functools.partial(_decode_with_id, decode=decode))
 
 
 PROBE_IMAGES = 16
@@ -319,9 +339,9 @@ def make_dataset(data_cfg, *, split: str, seed: int, batch_size: int, train: boo
                  process_index: int = 0, process_count: int = 1, source=None) -> grain.IterDataset:
   """Per-process batches of `split` as a grain IterDataset (iterators checkpointable).
 
-  Yields {"image": f32 [B, S, S, 3] in [-1, 1], "label": int32 [B]} for image sources,
-  {"moments": f32 [B, h, w, 2C] | "codes": int32 [B, h, w], "label": int32 [B]} for the cached
-  source (codes: one of each record's views in training, the first otherwise).
+  Yields {"image": f32 [B, S, S, 3] in [-1, 1], "label": int32 [B], "index": int32 [B]} for
+  image sources, {"moments": f32 [B, h, w, 2C] | "codes": int32 [B, h, w], "label", "index"} for
+  the cached source ("index": each example's position in its split, the same in every epoch) (codes: one of each record's views in training, the first otherwise).
   `batch_size` B is per process. train=True: seeded shuffle, infinite repeat,
   random flip (if data_cfg.random_flip), full batches only. train=False: dataset
   order, one pass, no flip, last batch may be short. Unreadable images are dropped

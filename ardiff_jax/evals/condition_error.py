@@ -5,15 +5,27 @@ tokens), a fixed noise ε and x_t at a set of timesteps t:
 
   denoising SNR      SNR_t(c)  = 10·log₁₀(E‖x₀‖² / E‖x̂₀(x_t, t, c) − x₀‖²)
   noise intensity    N_t(c)    = E‖ε̂(x_t, t, c) − ε‖² / C
-  condition SNR      SNR_c(t)  = 10·log₁₀(E‖ε̂(·, c*)‖² / E‖ε̂(·, c) − ε̂(·, c*)‖²),
+  condition SNR      SNR_c(t)  = 10·log₁₀(E‖ε̂(·, c*)‖² / E‖ε̂(·, c) − ε̂(·, c*)‖²) of the raw c,
                      c* = E_φ(x₀), the inverse encoder's ideal condition (runs with condref on or
-                     in `probe` mode)
+                     in `probe` mode). An instrument of the run itself: E_φ is trained through
+                     the run's head and fills the queue R maps onto, so it is reported for the raw
+                     conditions only (for R(c) it would measure R against its own target)
   score vs AR step   s_i = E‖ε̂(·, c_i) − ε̂(·, c_∅)‖ / σ_t at `score_t`, per AR step i (MAR
-                     iteration or raster index), fitted by s_i ≈ M·βⁱ + m with M ≥ 0 and a
-                     confidence interval for β (`fit_decay`; the paper's Thm 2 claims β < 1)
+                     iteration, or the causal AR's step: the image position in raster order, a
+                     random position with `ar.order=random`), fitted by s_i ≈ M·βⁱ + m with
+                     M ≥ 0 and a confidence interval for β (`fit_decay`; the paper's Thm 2
+                     claims β < 1)
 
-for each condition variant: `raw` (c), `refined` (R(c) against the run's queue, when it is full)
-and `ideal` (c*). Results go to `eval/condition_error_<step>.json` and a PNG of the three curves.
+for each condition variant: `raw` (c), `refined` (R(c), the sampling map of the run's checkpointed
+queues, when they are full) and `ideal` (c*). `served` names the variant the sampler feeds the
+head (refined in runtime mode, raw otherwise): its denoising SNR is what compares across models.
+Within one model, raw vs refined is confounded (its head was trained on one of them only).
+
+Matched across models: the held-out images, the noise and the timesteps depend only on
+`eval.condition_error_seed` (not on the run's seed), so two runs' JSONs compare entry by entry;
+`compare` (and `python -m ardiff_jax.evals.condition_error BASELINE OTHER...`) lines up their
+served SNRs and refuses analyses made at different settings. Results go to
+`eval/condition_error_<step>.json` and a PNG of the curves.
 """
 from __future__ import annotations
 
@@ -104,8 +116,10 @@ def analyze(probe: cr.ConditionProbe, params, queue: dict | None, moments: jax.A
     # What runtime-mode sampling applies: the map fitted on the checkpointed queues, row by row.
     refine = jax.jit(lambda p, z, lab, pos: refinement.sampling_map(p)(z, lab, pos))
     variants["refined"] = refine(params, variants["raw"], row_labels, positions)
+  served = "refined" if refinement.cfg.mode == "runtime" and "refined" in variants else "raw"
   head = jax.jit(probe.head)
-  result = {"timesteps": list(timesteps), "num_tokens": int(b * l), "variants": {}}
+  result = {"timesteps": list(timesteps), "num_tokens": int(b * l), "served": served,
+            "mode": str(refinement.cfg.mode), "variants": {}}
   sq = lambda a: float(jnp.mean(jnp.sum(a * a, -1)))
   power_x0 = sq(x0)
   eps_by = {}
@@ -117,19 +131,15 @@ def analyze(probe: cr.ConditionProbe, params, queue: dict | None, moments: jax.A
       v = result["variants"].setdefault(name, {"denoise_snr_db": [], "noise_intensity": []})
       v["denoise_snr_db"].append(10 * np.log10(power_x0 / max(sq(x0_hat - x0), 1e-30)))
       v["noise_intensity"].append(sq(eps_hat - noise) / c)
-  if "ideal" in variants:
-    for name in variants:
-      if name == "ideal":
-        continue
-      result["variants"][name]["condition_snr_db"] = [
-          10 * np.log10(sq(eps_by["ideal", t]) / max(sq(eps_by[name, t] - eps_by["ideal", t]), 1e-30))
-          for t in timesteps]
-    ideal = variants["ideal"]
-    result["condition_gap"] = {name: float(jnp.mean((z - ideal) ** 2)) for name, z in variants.items()
-                               if name != "ideal"}
-  # The condition part of the score against the AR step (Thm 2).
+  if "ideal" in variants:   # the raw conditions only: for R(c) this would be circular
+    result["variants"]["raw"]["condition_snr_vs_e_phi_db"] = [
+        10 * np.log10(sq(eps_by["ideal", t]) / max(sq(eps_by["raw", t] - eps_by["ideal", t]), 1e-30))
+        for t in timesteps]
+    result["raw_condition_gap_vs_e_phi"] = float(jnp.mean((variants["raw"] - variants["ideal"]) ** 2))
+  # The condition part of the score against the AR step (Thm 2), for the conditions the sampler
+  # feeds the head.
   noise = jax.random.normal(jax.random.fold_in(r_noise, 10_000), x0.shape, jnp.float32)
-  eps_c, _ = _denoise(head, params, diffusion, x0, score_t, noise, variants["raw"])
+  eps_c, _ = _denoise(head, params, diffusion, x0, score_t, noise, variants[served])
   eps_u, _ = _denoise(head, params, diffusion, x0, score_t, noise, flat(out["z_null"]))
   sigma = diffusion.noise_std(score_t)
   per_token = np.asarray(jnp.sqrt(jnp.sum((eps_c - eps_u) ** 2, -1))) / sigma
@@ -142,20 +152,53 @@ def analyze(probe: cr.ConditionProbe, params, queue: dict | None, moments: jax.A
 
 
 def summary(result: dict) -> dict:
-  """Scalars for eval/<step>.json: mean SNRs of the raw (and refined) conditions, the fitted β."""
-  out = {}
+  """Scalars for eval/<step>.json: the mean denoising SNR of the served conditions (comparable
+  across models), of the raw (and refined) ones, the raw condition SNR against E_φ, the fitted β."""
+  out = {"cond_err/served_denoise_snr_db":
+         float(np.mean(result["variants"][result["served"]]["denoise_snr_db"]))}
   for name in ("raw", "refined"):
     v = result["variants"].get(name)
     if v is None:
       continue
     out[f"cond_err/{name}_denoise_snr_db"] = float(np.mean(v["denoise_snr_db"]))
-    if "condition_snr_db" in v:
-      out[f"cond_err/{name}_condition_snr_db"] = float(np.mean(v["condition_snr_db"]))
+  raw = result["variants"]["raw"]
+  if "condition_snr_vs_e_phi_db" in raw:
+    out["cond_err/raw_condition_snr_vs_e_phi_db"] = float(np.mean(raw["condition_snr_vs_e_phi_db"]))
   fit = result["score_by_step"]["fit"]
   if fit:
     out["cond_err/score_decay_beta"] = fit["beta"]
     out["cond_err/score_decay_beta_low"], out["cond_err/score_decay_beta_high"] = fit["beta_interval"]
   return out
+
+
+MATCHED_FIELDS = ("timesteps", "num_tokens", "analysis_seed", "score_t")
+
+
+def compare(results: dict[str, dict]) -> dict:
+  """Lines up the served denoising SNR of several runs' analyses ({name: result}, the first the
+  baseline) at matched settings: {name: {"served", "mode", "denoise_snr_db" [per t], "mean_db",
+  "delta_db" (mean minus the baseline's)}}. Raises ValueError naming the field when two analyses
+  were made at different settings (held-out images, noise, timesteps)."""
+  names = list(results)
+  if not names:
+    raise ValueError("compare needs at least one analysis")
+  base = results[names[0]]
+  for name in names[1:]:
+    for field in MATCHED_FIELDS:
+      if results[name].get(field) != base.get(field):
+        raise ValueError(
+            f"analyses {names[0]!r} and {name!r} differ in {field} ({base.get(field)} vs "
+            f"{results[name].get(field)}): run --mode eval of both with the same "
+            "eval.condition_error_samples, eval.condition_error_seed and eval.condition_error_score_t")
+  table = {}
+  for name in names:
+    r = results[name]
+    snr = r["variants"][r["served"]]["denoise_snr_db"]
+    table[name] = {"served": r["served"], "mode": r.get("mode"), "denoise_snr_db": snr,
+                   "mean_db": float(np.mean(snr))}
+  for row in table.values():
+    row["delta_db"] = row["mean_db"] - table[names[0]]["mean_db"]
+  return table
 
 
 def plot(result: dict, path: str) -> None:
@@ -167,10 +210,11 @@ def plot(result: dict, path: str) -> None:
   ts = result["timesteps"]
   for name, v in result["variants"].items():
     axes[0].plot(ts, v["denoise_snr_db"], marker="o", label=name)
-    if "condition_snr_db" in v:
-      axes[1].plot(ts, v["condition_snr_db"], marker="o", label=name)
-  axes[0].set(xlabel="timestep t", ylabel="dB", title="denoising SNR")
-  axes[1].set(xlabel="timestep t", ylabel="dB", title="condition SNR vs E_φ(x₀)")
+    if "condition_snr_vs_e_phi_db" in v:
+      axes[1].plot(ts, v["condition_snr_vs_e_phi_db"], marker="o", label=name)
+  axes[0].set(xlabel="timestep t", ylabel="dB",
+              title=f"denoising SNR (sampling feeds the head: {result.get('served', 'raw')})")
+  axes[1].set(xlabel="timestep t", ylabel="dB", title="raw condition SNR vs E_φ(x₀) (this run's)")
   sb = result["score_by_step"]
   axes[2].plot(sb["steps"], sb["s"], "o", label="measured")
   if sb["fit"]:
@@ -179,7 +223,8 @@ def plot(result: dict, path: str) -> None:
     lo, hi = f["beta_interval"]
     axes[2].plot(k, f["M"] * f["beta"] ** (k - k.min()) + f["m"], "-",
                  label=f"M·β^i + m, β={f['beta']:.3f} [{lo:.2f}, {hi:.2f}], r²={f['r2']:.2f}")
-  axes[2].set(xlabel="AR step i", ylabel="‖ε̂(c_i) − ε̂(c_∅)‖/σ_t", title=f"condition score, t={sb['t']}")
+  axes[2].set(xlabel="AR step i", ylabel="‖ε̂(c_i) − ε̂(c_∅)‖/σ_t",
+              title=f"condition score ({result.get('served', 'raw')}), t={sb['t']}")
   if not axes[1].lines:
     axes[1].text(0.5, 0.5, "no ideal condition\n(E_φ is trained only with condref on\nor in probe mode)",
                  ha="center", va="center", transform=axes[1].transAxes)
@@ -203,16 +248,23 @@ def load_heldout_moments(data_cfg: ml_collections.ConfigDict, num: int, seed: in
           np.asarray([r["label"] for r in records], np.int32))
 
 
+def analysis_seed(config: ml_collections.ConfigDict) -> int:
+  """The seed of the held-out subset and the noise: fixed across runs (not the run's seed)."""
+  return int(config.eval.get("condition_error_seed", 0))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, method, params, step: int) -> dict:
   """Writes eval/condition_error_<step>.json and .png; returns the summary scalars. `params` as
   `Method.sampling_params` made them (with the reference queue when refinement is on)."""
   e = config.eval
-  moments, labels = load_heldout_moments(config.data, e.condition_error_samples, config.seed)
+  seed = analysis_seed(config)
+  moments, labels = load_heldout_moments(config.data, e.condition_error_samples, seed)
   queue = params.get(cr.QUEUE_KEY)
   with jax.default_device(jax.devices()[0]):
     result = analyze(method.condition_probe, jax.device_get(params), jax.device_get(queue),
-                     jnp.asarray(moments), jnp.asarray(labels), jax.random.key(config.seed + 2),
+                     jnp.asarray(moments), jnp.asarray(labels), jax.random.key(seed + 2),
                      default_timesteps(), e.condition_error_score_t)
+  result.update(analysis_seed=seed, score_t=int(e.condition_error_score_t), step=int(step))
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   stem = os.path.join(out_dir, f"condition_error_{step}")
@@ -221,3 +273,33 @@ def run(config: ml_collections.ConfigDict, workdir: str, method, params, step: i
   plot(result, stem + ".png")
   logging.info("condition-error analysis: %s.json / .png", stem)
   return dict(summary(result), condition_error_file=stem + ".json")
+
+
+def latest_analysis(workdir: str) -> dict:
+  """The newest eval/condition_error_<step>.json of a run (ValueError naming the fix if none)."""
+  out_dir = os.path.join(workdir, "eval")
+  names = [n for n in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+           if n.startswith("condition_error_") and n.endswith(".json")]
+  if not names:
+    raise ValueError(f"{workdir} has no eval/condition_error_<step>.json: run --mode eval of it "
+                     "(a DiffLoss generator with eval.condition_error_samples > 0)")
+  newest = max(names, key=lambda n: int(n[len("condition_error_"):-len(".json")]))
+  with open(os.path.join(out_dir, newest)) as f:
+    return json.load(f)
+
+
+def main(argv: list[str]) -> None:
+  """`python -m ardiff_jax.evals.condition_error BASELINE_WORKDIR OTHER_WORKDIR...`: prints the
+  served denoising SNR of each run's latest analysis against the first's, matched."""
+  if len(argv) < 2:
+    raise SystemExit("usage: python -m ardiff_jax.evals.condition_error BASELINE_WORKDIR "
+                     "OTHER_WORKDIR...")
+  table = compare({w: latest_analysis(w) for w in argv})
+  for name, row in table.items():
+    print(f"{row['mean_db']:7.2f} dB  ({row['delta_db']:+.2f})  {row['mode']}, served "
+          f"{row['served']}: {name}")
+
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=g-import-not-at-top
+  main(sys.argv[1:])

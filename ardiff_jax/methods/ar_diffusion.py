@@ -59,7 +59,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   train_diffusion = create_diffusion(1000)
   sample_diffusion = create_diffusion(1000, a.num_sampling_steps)
   decode = lt.make_decoder(config, scale, a.patch_size)
-  refinement = condref.for_generator(config, model)
+  refinement = condref.for_generator(config, model, causal=True)
 
   def init_params(rng):
     own = model.init(rng, method=gpt_lib.GPT.init_all)["params"]
@@ -87,7 +87,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
       teacher = (model.apply(ema, tokens, batch["label"], order=order), weights)
     z_head, extra, ref_terms, extras = refinement.training_terms(
         params, z, tokens, labels, batch["label"], weights, extras, jax.random.fold_in(rng, 7),
-        fixed_head, teacher)
+        fixed_head, teacher, ids=batch.get("index"))
     loss, terms = diffloss_loss(head, train_diffusion, z_head, tokens.reshape(-1, token_dim),
                                 weights.reshape(-1), r_diff, a.diffusion_batch_mul)
     return loss + extra, dict(terms, **ref_terms), extras
@@ -122,7 +122,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     return decode(frozen, tokens)
 
   return Method(name="ar_diffusion", model=model, init_params=init_params, loss_fn=loss_fn,
-                batch_keys=("moments", "label"), decay_mask=lt.no_decay_in_head, generate=generate,
+                batch_keys=("moments", "label") + refinement.batch_keys, decay_mask=lt.no_decay_in_head, generate=generate,
                 generate_from="labels", load_frozen=lt.tokenizer_loader(a.tokenizer_workdir),
                 init_frozen=lt.tokenizer_init(config), init_extras=refinement.init_extras,
                 sampling_params=refinement.sampling_params, condition_probe=probe,

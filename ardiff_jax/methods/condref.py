@@ -35,10 +35,19 @@ Modes (`condref.mode`):
   `runtime`  the head consumes z + sg(R(z) − z) (value R(z), gradient of the identity) in training,
              and R is applied at every sampling step. λ is 0 inside R, and R reads the queue
              *before* this batch is pushed, so the head's input never holds the current sample's
-             own ground truth. (On a dataset of few batches per epoch, keep the queue's span,
-             queue_size / push_per_step steps, below an epoch, or an image seen at the end of one
-             epoch and the start of the next meets its own E_φ(x).) In training the OT is fitted
-             on the loss tokens of the batch.
+             own ground truth. In training the OT is fitted on the loss tokens of the batch.
+
+No leak in training: the head's input R(z) must not carry the token it is asked to denoise.
+  - Queue entries carry the id of the example they came from (the data pipeline's "index"), and
+    entries of the batch's own examples get no mass in the OT: an image drawn again, in a later
+    epoch or as its mirror image, while its own E_φ(x) is still queued is never matched to it.
+    (Without this, about a quarter of the digits images met their own entries.)
+  - The causal AR's later conditions saw the earlier tokens of their image, so a map fitted on
+    all rows of an image would carry x_i into R(z_i) through the potentials (R(z₀) moved by 1.3%
+    when only later positions changed). Its OT is cross-fitted: the rows of the batch's first
+    half of images are moved by the map fitted on the second half's rows, and the other way round
+    (the Sinkhorn cost is unchanged: two solves on half the points). MAR's loss rows (masked
+    tokens) never see each other's tokens and need no cross-fitting.
 
 Sampling is per sample: the map R applies at sampling (and in the condition-error analysis) is
 fitted once, with a fixed seed, from checkpointed state only: `num_points` of the generator's own
@@ -187,6 +196,7 @@ class ConditionRefinement:
   token_dim: int
   num_classes: int
   loss_rows: int | None = None    # the fewest loss-bearing conditions of a (micro-)batch
+  cross_fit: bool = False         # causal generators: see `refine` and the module docstring
 
   def __post_init__(self):
     validate(self.cfg, self.loss_rows)
@@ -194,6 +204,12 @@ class ConditionRefinement:
   @property
   def enabled(self) -> bool:
     return self.cfg.mode != "off"
+
+  @property
+  def batch_keys(self) -> tuple[str, ...]:
+    """What the refinement reads from a data batch: the examples' ids (to exclude their own
+    queue entries), when on."""
+    return ("index",) if self.enabled else ()
 
   @property
   def inverse(self) -> InverseEncoder:
@@ -225,43 +241,64 @@ class ConditionRefinement:
     return {QUEUE_KEY: init_queue(self.cfg.queue_size, self.cond_dim),
             SOURCE_KEY: init_queue(self.cfg.queue_size, self.cond_dim)}
 
-  def _feature_fn(self, z, ref):
+  def _feature_fn(self, z, ref, ref_weights=None):
     """(labels [n], positions [n]) -> class/position features [n, F], scaled for the point sets
-    z and ref (`feature_scales`)."""
-    s_cls, s_pos = feature_scales(z, ref, self.cfg.class_cost, self.cfg.position_cost)
+    z and ref (`feature_scales`; ref weighted by `ref_weights`)."""
+    s_cls, s_pos = feature_scales(z, ref, self.cfg.class_cost, self.cfg.position_cost, ref_weights)
     return lambda lab, pos: condition_features(lab, pos, self.num_classes, self.seq_len, s_cls, s_pos)
 
-  def refine(self, z, labels, positions, weights, queue, rng, y_hat=None, allow_lambda=False):
+  def refine(self, z, labels, positions, weights, queue, rng, y_hat=None, allow_lambda=False,
+             ids=None, first_half=None):
     """Training's R(z), fitted on this batch: rows z [n, D] with labels [n] (num_classes = null),
     positions [n] and fit weights [n] (the marginal of the rows the OT is fitted on; 0: never)
     against `queue`. Rows pass unchanged until the queue is full.
+
+    ids [k]: the batch's example ids; queue entries of these examples get no mass (an example
+    seen again while its own E_φ(x) is queued must not be matched to it). first_half [n] bool
+    (cross-fitting, `cross_fit`): rows of the batch's first images are moved by the map fitted on
+    the other images' rows, and the other way round, so no row's map was fitted on a condition
+    that saw its token.
     Returns (refined [n, D] float32, diagnostics)."""
     r = self.cfg
     n = z.shape[0]
     fit_rng, ref_rng = jax.random.split(rng)
-    ref, ref_labels, ref_pos = draw_reference(queue, ref_rng, r.num_reference)
-    num_fit = min(int(r.num_points), n)
-    fit_index, fit_weights = fit_rows(fit_rng, weights, num_fit)
+    ref, ref_labels, ref_pos, ref_weights = draw_reference(queue, ref_rng, r.num_reference, ids)
+    has_ref = ref_weights.sum() > 0      # exclusion may leave nothing to match against
+    ref_weights = jnp.where(has_ref, ref_weights, 1.0 / ref_weights.shape[0])
     z32 = jax.lax.stop_gradient(z.astype(jnp.float32))
-    feature_fn = self._feature_fn(z32[fit_index], ref)
-    feats, ref_feats = feature_fn(labels, positions), feature_fn(ref_labels, ref_pos)
-    refined, info = make_refiner(r, allow_lambda=allow_lambda)(z32, feats, fit_index, ref, ref_feats,
-                                                                 y_hat, fit_weights)
-    full = queue_full(queue)
-    refined = jnp.where(full, refined, z32)
+    refiner = make_refiner(r, allow_lambda=allow_lambda)
+
+    def fit_and_apply(fit_weights_in, num_fit, key):
+      fit_index, fit_weights = fit_rows(key, fit_weights_in, num_fit)
+      feature_fn = self._feature_fn(z32[fit_index], ref, ref_weights)
+      return refiner(z32, feature_fn(labels, positions), fit_index, ref,
+                     feature_fn(ref_labels, ref_pos), y_hat, fit_weights, ref_weights)
+
+    if first_half is None:
+      refined, info = fit_and_apply(weights, min(int(r.num_points), n), fit_rng)
+    else:
+      half = max(min(int(r.num_points), n) // 2, 1)
+      key_a, key_b = jax.random.split(fit_rng)
+      from_a, info_a = fit_and_apply(weights * first_half, half, key_a)
+      from_b, info_b = fit_and_apply(weights * ~first_half, half, key_b)
+      refined = jnp.where(first_half[:, None], from_b, from_a)
+      info = jax.tree.map(lambda u, v: (u + v) / 2, info_a, info_b)
+    active = queue_full(queue) & has_ref
+    refined = jnp.where(active, refined, z32)
     moved = jnp.sqrt(jnp.sum(weights[:, None] * (refined - z32) ** 2) / jnp.maximum(weights.sum(), 1))
-    info = {k: jnp.where(full, v, 0.0) for k, v in info.items()}
-    return refined, dict(info, move_rms=moved, queue_full=full.astype(jnp.float32))
+    info = {k: jnp.where(active, v, 0.0) for k, v in info.items()}
+    return refined, dict(info, move_rms=moved, queue_full=queue_full(queue).astype(jnp.float32))
 
   def training_terms(self, params, z, tokens, labels, true_labels, weights, extras, rng,
-                     fixed_head_fn, teacher=None):
+                     fixed_head_fn, teacher=None, ids=None):
     """The refinement's part of a generator's training step.
 
     z [B, L, D] conditions, tokens [B, L, C] ground truth, labels [B] as the generator saw them
     (num_classes where dropped for CFG), true_labels [B], weights [B, L] loss weights (masked
     tokens for MAR, all for the causal AR), fixed_head_fn the DiffLoss head with the generator's
     parameters bound under stop-gradient (E_φ's auxiliary loss must not train it), teacher
-    (`ema_teacher` only) = (EMA conditions [B, L, D], [B, L] where they may join the queue).
+    (`ema_teacher` only) = (EMA conditions [B, L, D], [B, L] where they may join the queue), ids
+    [B] the examples' ids (the data pipeline's "index"; None: unknown, nothing is excluded).
     Returns (conditions for the head [B·L, D], extra loss, metrics, new extras).
     """
     r = self.cfg
@@ -284,9 +321,16 @@ class ConditionRefinement:
     r_ref, r_aux, r_push, r_source = jax.random.split(rng, 4)
     queue = extras[QUEUE_KEY]
     use_lambda = r.mode == "loss"
+    first_half = None
+    if self.cross_fit:
+      if b < 2:
+        raise ValueError("condition refinement of a causal generator cross-fits the OT between "
+                         "the two halves of each batch, which needs at least 2 images per "
+                         "(micro-)batch: raise train.batch_size or lower train.grad_accum_steps")
+      first_half = jnp.repeat(jnp.arange(b) < b // 2, l)
     refined, info = self.refine(z_flat, row_labels, positions, w, queue, r_ref,
                                 y_hat=jax.lax.stop_gradient(y_hat) if use_lambda else None,
-                                allow_lambda=use_lambda)
+                                allow_lambda=use_lambda, ids=ids, first_half=first_half)
     wmean = lambda v: jnp.sum(v * w) / jnp.maximum(w.sum(), 1.0)
     metrics = {f"condref/{k}": v for k, v in info.items()}
     extra = jnp.zeros((), jnp.float32)
@@ -314,9 +358,13 @@ class ConditionRefinement:
     # takes the generator's own conditions of loss rows, as the sampler will meet them.
     n_push = min(int(r.push_per_step), b * l)
     idx, pw = fit_rows(r_push, push_weights, n_push)
-    queue = push(queue, y_hat[idx], jnp.repeat(true_labels, l)[idx], positions[idx], valid=pw > 0)
+    row_ids = None if ids is None else jnp.repeat(ids, l)
+    take = lambda i: None if row_ids is None else row_ids[i]
+    queue = push(queue, y_hat[idx], jnp.repeat(true_labels, l)[idx], positions[idx], valid=pw > 0,
+                 ids=take(idx))
     idx, sw = fit_rows(r_source, w, n_push)
-    source = push(extras[SOURCE_KEY], zf[idx], row_labels[idx], positions[idx], valid=sw > 0)
+    source = push(extras[SOURCE_KEY], zf[idx], row_labels[idx], positions[idx], valid=sw > 0,
+                  ids=take(idx))
     return head_in, extra, metrics, dict(extras, **{QUEUE_KEY: queue, SOURCE_KEY: source})
 
   def sampling_params(self, params: dict, extras: dict) -> dict:
@@ -339,8 +387,8 @@ class ConditionRefinement:
     r = self.cfg
     queue, source = params[QUEUE_KEY], params[SOURCE_KEY]
     src_rng, ref_rng = jax.random.split(jax.random.key(SAMPLING_MAP_SEED))
-    src, src_labels, src_pos = draw_reference(source, src_rng, r.num_points)
-    ref, ref_labels, ref_pos = draw_reference(queue, ref_rng, r.num_reference)
+    src, src_labels, src_pos, _ = draw_reference(source, src_rng, r.num_points)
+    ref, ref_labels, ref_pos, _ = draw_reference(queue, ref_rng, r.num_reference)
     feats = self._feature_fn(src, ref)
     fitted = make_refiner(r, allow_lambda=False).fitted(src, feats(src_labels, src_pos), ref,
                                                         feats(ref_labels, ref_pos))
@@ -358,16 +406,19 @@ class ConditionRefinement:
 
 
 def for_generator(config: ml_collections.ConfigDict, model,
-                  loss_tokens_per_image: int | None = None) -> ConditionRefinement:
+                  loss_tokens_per_image: int | None = None, causal: bool = False
+                  ) -> ConditionRefinement:
   """The refinement of a DiffLoss generator (MAR or GPT: `seq_len`, `width`, `token_dim`).
   `loss_tokens_per_image`: the fewest loss-bearing tokens of an image (MAR: the fewest masked;
   default every token), which with the (micro-)batch size bounds `num_points` and
-  `push_per_step`."""
+  `push_per_step`. `causal`: the generator's later conditions saw the earlier tokens of their
+  image (teacher forcing), so training's OT is cross-fitted between batch halves."""
   cfg = config.condref if "condref" in config else condref_config()   # runs from before condref
   micro_batch = config.train.batch_size // max(int(config.train.grad_accum_steps), 1)
   per_image = model.seq_len if loss_tokens_per_image is None else loss_tokens_per_image
   return ConditionRefinement(cfg, model.seq_len, model.width, model.token_dim,
-                             config.data.num_classes, loss_rows=micro_batch * per_image)
+                             config.data.num_classes, loss_rows=micro_batch * per_image,
+                             cross_fit=causal)
 
 
 def generator_params(params: dict) -> dict:

@@ -96,7 +96,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
       teacher = (model.apply(ema, tokens, t_mask, t_cls), t_mask)
     z_head, extra, ref_terms, extras = refinement.training_terms(
         params, z, tokens, seen_labels, batch["label"], mask, extras, jax.random.fold_in(rng, 7),
-        fixed_head, teacher)
+        fixed_head, teacher, ids=batch.get("index"))
     loss, terms = diffloss_loss(head, train_diffusion, z_head, tokens.reshape(-1, token_dim),
                                 mask.reshape(-1), r_diff, m.diffusion_batch_mul)
     return loss + extra, dict(terms, mask_ratio=num_masked / seq_len, **ref_terms), extras
@@ -147,7 +147,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     return decode(frozen, tokens)
 
   return Method(name="mar", model=model, init_params=init_params, loss_fn=loss_fn,
-                batch_keys=("moments", "label"), decay_mask=decay_mask, generate=generate,
+                batch_keys=("moments", "label") + refinement.batch_keys, decay_mask=decay_mask, generate=generate,
                 generate_from="labels", load_frozen=lt.tokenizer_loader(m.tokenizer_workdir),
                 init_frozen=lt.tokenizer_init(config), init_extras=refinement.init_extras,
                 sampling_params=refinement.sampling_params, condition_probe=probe,

@@ -15,12 +15,14 @@ from ott.solvers import linear
 
 
 # ------------------------------------------------------------------------------ the operator
-def feature_scales(x: jax.Array, y: jax.Array, class_cost: float,
-                   position_cost: float) -> tuple[jax.Array, jax.Array]:
+def feature_scales(x: jax.Array, y: jax.Array, class_cost: float, position_cost: float,
+                   y_weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Scales (s_class, s_position) such that a one-hot mismatch (cost 2s²) adds `cost` × the mean
-  squared distance between x [n, D] and y [m, D] (computed in closed form, no n×m matrix)."""
-  mean_sq = (jnp.mean(jnp.sum(x * x, -1)) + jnp.mean(jnp.sum(y * y, -1))
-             - 2.0 * jnp.dot(x.mean(0), y.mean(0)))
+  squared distance between x [n, D] and y [m, D] (y weighted by `y_weights` [m] summing to 1 when
+  given; computed in closed form, no n×m matrix)."""
+  wy = jnp.full((y.shape[0],), 1.0 / y.shape[0]) if y_weights is None else y_weights
+  y_mean = wy @ y
+  mean_sq = (jnp.mean(jnp.sum(x * x, -1)) + wy @ jnp.sum(y * y, -1) - 2.0 * jnp.dot(x.mean(0), y_mean))
   mean_sq = jax.lax.stop_gradient(jnp.maximum(mean_sq, 1e-12))
   return jnp.sqrt(class_cost * mean_sq / 2.0), jnp.sqrt(position_cost * mean_sq / 2.0)
 
@@ -34,11 +36,12 @@ def condition_features(labels: jax.Array, positions: jax.Array, num_classes: int
 
 
 def entropic_map(x: jax.Array, y: jax.Array, *, epsilon: float, iterations: int,
-                 tau_b: float = 1.0, a: jax.Array | None = None
+                 tau_b: float = 1.0, a: jax.Array | None = None, b: jax.Array | None = None
                  ) -> tuple[Callable[[jax.Array], jax.Array], dict]:
-  """Fits entropic OT from x [n, d] (marginal `a` [n], uniform if None) to y [m, d] (uniform,
-  squared Euclidean cost) and returns (T, diagnostics), T: [k, d] -> [k, d] the entropic map
-  (x − ½∇f), usable out of sample.
+  """Fits entropic OT from x [n, d] (marginal `a` [n]) to y [m, d] (marginal `b` [m]; uniform
+  where None, squared Euclidean cost) and returns (T, diagnostics), T: [k, d] -> [k, d] the
+  entropic map (x − ½∇f), usable out of sample. A point of zero mass takes no part: y_j with
+  b_j = 0 is never a target.
 
   The solve runs in float32 with a fixed number of Sinkhorn iterations (a multiple of 10: ott-jax
   runs them in blocks of 10) under stop-gradient.
@@ -46,14 +49,17 @@ def entropic_map(x: jax.Array, y: jax.Array, *, epsilon: float, iterations: int,
   if iterations <= 0 or iterations % 10:
     raise ValueError(f"iterations={iterations}: use a positive multiple of 10")
   x, y = (jax.lax.stop_gradient(v.astype(jnp.float32)) for v in (x, y))
-  # ε relative to the std of the cost under the coupling's marginals a ⊗ uniform (uniform a: the
-  # plain std, ott's relative_epsilon="std"), so that a zero-mass row changes nothing.
-  wa = jnp.full((x.shape[0],), 1.0 / x.shape[0]) if a is None else a.astype(jnp.float32)
+  # ε relative to the std of the cost under the marginals a ⊗ b (uniform: the plain std, ott's
+  # relative_epsilon="std"), so that a zero-mass point changes nothing.
+  uniform = lambda k: jnp.full((k,), 1.0 / k, jnp.float32)
+  wa = uniform(x.shape[0]) if a is None else a.astype(jnp.float32)
+  wb = uniform(y.shape[0]) if b is None else b.astype(jnp.float32)
   cost = (jnp.sum(x * x, -1)[:, None] + jnp.sum(y * y, -1)[None] - 2.0 * x @ y.T)
-  mean = jnp.sum(wa @ cost) / y.shape[0]
-  std = jnp.sqrt(jnp.sum(wa @ jnp.square(cost - mean)) / y.shape[0])
+  mean = wa @ cost @ wb
+  std = jnp.sqrt(wa @ jnp.square(cost - mean) @ wb)
   geom = pointcloud.PointCloud(x, y, epsilon=epsilon * std)
-  out = linear.solve(geom, a=a, tau_b=tau_b, min_iterations=iterations, max_iterations=iterations)
+  out = linear.solve(geom, a=a, b=b, tau_b=tau_b, min_iterations=iterations,
+                     max_iterations=iterations)
   potentials = out.to_dual_potentials()
   transport = lambda v: jax.lax.stop_gradient(potentials.transport(v.astype(jnp.float32)))
   info = {"converged": out.converged.astype(jnp.float32), "reg_ot_cost": out.reg_ot_cost}
@@ -73,9 +79,10 @@ class Refiner:
   """R(z): K JKO steps toward a reference point set, the static settings bound.
 
   `__call__(z [n, D], feats [n, F], fit_index [N], ref [N', D], ref_feats [N', F], y_hat [n, D] |
-  None, fit_weights [N] | None) -> (refined z [n, D] float32, diagnostics of the last step)`. The
-  OT is fitted on the rows `fit_index` of z, with `fit_weights` as their marginal (re-fitted at
-  each step on the moved points), and applied to every row.
+  None, fit_weights [N] | None, ref_weights [N'] | None) -> (refined z [n, D] float32, diagnostics
+  of the last step)`. The OT is fitted on the rows `fit_index` of z, with `fit_weights` as their
+  marginal and `ref_weights` as the reference's (re-fitted at each step on the moved points), and
+  applied to every row.
   """
   num_steps: int
   tau: float
@@ -84,7 +91,8 @@ class Refiner:
   iterations: int
   tau_b: float
 
-  def __call__(self, z, feats, fit_index, ref, ref_feats, y_hat=None, fit_weights=None):
+  def __call__(self, z, feats, fit_index, ref, ref_feats, y_hat=None, fit_weights=None,
+               ref_weights=None):
     z = jax.lax.stop_gradient(z.astype(jnp.float32))
     d = z.shape[-1]
     target = jnp.concatenate([ref.astype(jnp.float32), ref_feats], -1)
@@ -92,15 +100,18 @@ class Refiner:
     def step(z, _):
       source = jnp.concatenate([z, feats], -1)
       transport, info = entropic_map(source[fit_index], target, epsilon=self.epsilon,
-                                     iterations=self.iterations, tau_b=self.tau_b, a=fit_weights)
+                                     iterations=self.iterations, tau_b=self.tau_b, a=fit_weights,
+                                     b=ref_weights)
       mapped = transport(source)[:, :d]
       return jko_update(z, mapped, self.tau, self.lam, y_hat), info
 
     z, infos = jax.lax.scan(step, z, None, length=self.num_steps)
     return z, jax.tree.map(lambda v: v[-1], infos)
 
-  def fitted(self, source, source_feats, ref, ref_feats) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """R as a fixed map, fitted once on a stored source set [N, D] (features [N, F]): the K maps
+  def fitted(self, source, source_feats, ref, ref_feats, ref_weights=None
+             ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """R as a fixed map, fitted once on a stored source set [N, D] (features [N, F]) against the
+    reference [N', D] (features [N', F], marginal `ref_weights` [N'], uniform if None): the K maps
     are fitted in turn on the source moved by the ones before, and `apply(z [n, D], feats [n, F])`
     moves each row by them alone, so a row's result never depends on the other rows. (λ = 0: no
     paired ŷ exists for a new sample.)"""
@@ -111,7 +122,7 @@ class Refiner:
     for _ in range(self.num_steps):   # K is small and static
       transport, _ = entropic_map(jnp.concatenate([x, source_feats], -1), target,
                                   epsilon=self.epsilon, iterations=self.iterations,
-                                  tau_b=self.tau_b)
+                                  tau_b=self.tau_b, b=ref_weights)
       maps.append(transport)
       x = jko_update(x, transport(jnp.concatenate([x, source_feats], -1))[:, :d], self.tau)
 
@@ -125,17 +136,21 @@ class Refiner:
 
 
 # ------------------------------------------------------------------------ the reference queue
+NO_ID = -1   # the example id of an empty slot, or of an entry whose example is unknown
+
+
 def init_queue(size: int, dim: int) -> dict:
-  """An empty FIFO queue of `size` conditions [size, dim] with their labels and positions."""
+  """An empty FIFO queue of `size` conditions [size, dim] with their labels, positions and the
+  ids of the examples they came from."""
   return {"conditions": jnp.zeros((size, dim), jnp.float32),
           "labels": jnp.zeros((size,), jnp.int32), "positions": jnp.zeros((size,), jnp.int32),
-          "count": jnp.zeros((), jnp.int32)}
+          "ids": jnp.full((size,), NO_ID, jnp.int32), "count": jnp.zeros((), jnp.int32)}
 
 
 def push(queue: dict, conditions: jax.Array, labels: jax.Array, positions: jax.Array,
-         valid: jax.Array | None = None) -> dict:
-  """Appends the P entries (those with `valid` [P] true, if given), overwriting the oldest once
-  full. `count` is the total ever pushed."""
+         valid: jax.Array | None = None, ids: jax.Array | None = None) -> dict:
+  """Appends the P entries (those with `valid` [P] true, if given) with their example `ids` [P]
+  (NO_ID if None), overwriting the oldest once full. `count` is the total ever pushed."""
   size = queue["conditions"].shape[0]
   valid = jnp.ones(conditions.shape[:1], bool) if valid is None else valid.astype(bool)
   offset = jnp.cumsum(valid) - 1
@@ -144,6 +159,8 @@ def push(queue: dict, conditions: jax.Array, labels: jax.Array, positions: jax.A
   return {"conditions": put(queue["conditions"], jax.lax.stop_gradient(conditions).astype(jnp.float32)),
           "labels": put(queue["labels"], labels.astype(jnp.int32)),
           "positions": put(queue["positions"], positions.astype(jnp.int32)),
+          "ids": put(queue["ids"], jnp.full(labels.shape, NO_ID, jnp.int32) if ids is None
+                     else ids.astype(jnp.int32)),
           "count": queue["count"] + jnp.sum(valid).astype(jnp.int32)}
 
 
@@ -151,10 +168,22 @@ def queue_full(queue: dict) -> jax.Array:
   return queue["count"] >= queue["conditions"].shape[0]
 
 
-def draw_reference(queue: dict, rng: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """n distinct queue entries at random: (conditions [n, D], labels [n], positions [n])."""
-  idx = jax.random.choice(rng, queue["conditions"].shape[0], (n,), replace=False)
-  return queue["conditions"][idx], queue["labels"][idx], queue["positions"][idx]
+def draw_reference(queue: dict, rng: jax.Array, n: int, exclude_ids: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """n distinct queue entries at random: (conditions [n, D], labels [n], positions [n], marginal
+  [n]). Entries whose example id is in `exclude_ids` [k] (the current batch's examples) are drawn
+  only when too few others exist, and then with zero mass, so a condition is never matched to
+  its own example's entries; the marginal is uniform over the rest (all zero when none is left)."""
+  size = queue["conditions"].shape[0]
+  if exclude_ids is None:
+    keep = jnp.ones((size,), bool)
+  else:
+    keep = ~jnp.any(queue["ids"][:, None] == exclude_ids.astype(jnp.int32)[None, :], axis=1)
+    keep |= queue["ids"] == NO_ID
+  idx = jax.lax.top_k(jax.random.gumbel(rng, (size,)) + jnp.where(keep, 0.0, -1e9), n)[1]
+  mass = keep[idx].astype(jnp.float32)
+  marginal = mass / jnp.maximum(mass.sum(), 1.0)
+  return queue["conditions"][idx], queue["labels"][idx], queue["positions"][idx], marginal
 
 
 def fit_rows(rng: jax.Array, weights: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:

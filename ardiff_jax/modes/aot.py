@@ -54,7 +54,8 @@ def topology_devices(topology: str) -> list:
 def abstract_batch(config: ml_collections.ConfigDict, batch_keys, mesh) -> dict:
   """Shape-only global batch for the method's keys, sharded along the batch axis."""
   b, size = config.train.batch_size, config.data.image_size
-  shapes = {"image": ((b, size, size, 3), jnp.float32), "label": ((b,), jnp.int32)}
+  shapes = {"image": ((b, size, size, 3), jnp.float32), "label": ((b,), jnp.int32),
+            "index": ((b,), jnp.int32)}
   if "moments" in batch_keys:
     ae = latent_tokens.build_autoencoder(config)
     side = size // 2 ** (len(ae.enc_ch_mult) - 1)
@@ -93,18 +94,12 @@ def _write(result: dict, workdir: str, topology: str) -> str:
   return path
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Compiles the train step for `aot.topology`; writes and returns `aot/<topology>.json`'s dict."""
-  devices = topology_devices(config.aot.topology)
+def _compile_step(config: ml_collections.ConfigDict, devices) -> tuple:
+  """(experiment, {"fits", "compile_s", and when it fits "memory_per_chip", "flops_per_step",
+  "xla_flops_per_chip"} or the compiler's refusal as "error") of the train step on `devices`."""
   exp = build_experiment(config, devices=devices)
   step = jit_train_step(exp.method, exp.tx, exp.schedule, config, exp.mesh, exp.shardings)
   batch = abstract_batch(config, exp.method.batch_keys, exp.mesh)
-  params = shd.count_params(exp.abstract_state.params)
-  result = {
-      "config_method": config.method, "topology": config.aot.topology,
-      "device_kind": devices[0].device_kind, "num_chips": len(devices),
-      "mesh": dict(exp.mesh.shape), "global_batch_size": config.train.batch_size,
-      "num_params": params}
   t0 = time.time()
   lowered = step.lower(exp.abstract_state, batch)
   try:
@@ -113,28 +108,64 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     # The TPU compiler refuses a program that cannot fit in HBM: that is the answer.
-    result.update(fits=False, compile_s=time.time() - t0,
-                  error=str(e).strip().splitlines()[0][:500])
+    return exp, {"fits": False, "compile_s": time.time() - t0,
+                 "error": str(e).strip().splitlines()[0][:500]}
+  return exp, {"fits": True, "compile_s": time.time() - t0,
+               "memory_per_chip": memory_report(compiled),
+               "flops_per_step": bench.traced_flops(step, exp.abstract_state, batch),
+               "xla_flops_per_chip": bench.compiled_flops(compiled)}
+
+
+def condref_share(config: ml_collections.ConfigDict, devices, on: dict) -> dict:
+  """Condition refinement's share of the step compiled with it (`on`, what `_compile_step`
+  returned): the same step compiled with `condref.mode=off`, then 1 − off/on for the FLOPs and
+  for the per-chip memory (total and temporaries). Empty when refinement is off."""
+  if "condref" not in config or config.condref.mode == "off" or not on["fits"]:
+    return {}
+  off_config = config.copy_and_resolve_references()
+  off_config.condref.mode = "off"
+  _, off = _compile_step(off_config, devices)
+  if not off["fits"]:
+    return {"condref_mode": config.condref.mode, "condref_off_fits": False}
+  share = lambda a, b: 1.0 - a / b if b else None
+  mem_on, mem_off = on["memory_per_chip"], off["memory_per_chip"]
+  return {"condref_mode": config.condref.mode,
+          "condref_off_flops_per_step": off["flops_per_step"],
+          "condref_flops_share": share(off["flops_per_step"], on["flops_per_step"]),
+          "condref_off_memory_per_chip": mem_off,
+          "condref_memory_share": share(mem_off["total_bytes"], mem_on["total_bytes"]),
+          "condref_temp_memory_share": share(mem_off["temp_bytes"], mem_on["temp_bytes"])}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Compiles the train step for `aot.topology`; writes and returns `aot/<topology>.json`'s dict.
+  With condition refinement on, the step is compiled a second time without it, and its FLOP and
+  memory shares are reported (`condref_*`)."""
+  devices = topology_devices(config.aot.topology)
+  exp, compiled = _compile_step(config, devices)
+  params = shd.count_params(exp.abstract_state.params)
+  result = {
+      "config_method": config.method, "topology": config.aot.topology,
+      "device_kind": devices[0].device_kind, "num_chips": len(devices),
+      "mesh": dict(exp.mesh.shape), "global_batch_size": config.train.batch_size,
+      "num_params": params}
+  result.update(compiled)
+  if not compiled["fits"]:
     _write(result, workdir, config.aot.topology)
     print(f"{config.method} on {config.aot.topology}, mesh {dict(exp.mesh.shape)}, batch "
           f"{config.train.batch_size}: does not fit in one chip's memory.\n  {result['error']}\n"
           "  Shard more (a larger fsdp axis), lower the batch, or turn on remat / scan_layers.")
     return result
-  compile_s = time.time() - t0
-  flops_per_step = bench.traced_flops(step, exp.abstract_state, batch)
-  flops_per_chip = flops_per_step / len(devices)
+  flops_per_chip = result["flops_per_step"] / len(devices)
   peak = bench.peak_flops(devices[0])
   result.update({
-      "fits": True, "compile_s": compile_s,
-      "memory_per_chip": memory_report(compiled),
-      "flops_per_step": flops_per_step,
       "flops_per_chip": flops_per_chip,
-      "xla_flops_per_chip": bench.compiled_flops(compiled),
       "peak_flops_per_chip": peak,
       "step_s_at_peak": None if not (flops_per_chip and peak) else flops_per_chip / peak,
   })
   if result["step_s_at_peak"]:
     result["img_per_s_at_peak"] = config.train.batch_size / result["step_s_at_peak"]
+  result.update(condref_share(config, devices, compiled))
   path = _write(result, workdir, config.aot.topology)
   gib = lambda n: n / 2**30
   mem = result["memory_per_chip"]
@@ -149,6 +180,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       line += (f"; at {peak / 1e12:.0f} TFLOP/s per chip: {result['step_s_at_peak'] * 1e3:.1f} ms "
                f"per step, {result['img_per_s_at_peak']:.0f} img/s")
     print(line)
-  print(f"  compiled in {compile_s:.0f} s; written to {path}")
+  if "condref_flops_share" in result:
+    print(f"  condition refinement ({result['condref_mode']}): {result['condref_flops_share']:.1%} "
+          f"of the FLOPs, {result['condref_memory_share']:.1%} of the per-chip memory "
+          f"({result['condref_temp_memory_share']:.1%} of the temporaries)")
+  print(f"  compiled in {compiled['compile_s']:.0f} s; written to {path}")
   logging.info("aot result: %s", result)
   return result

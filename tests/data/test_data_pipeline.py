@@ -71,13 +71,32 @@ def test_digits_batches_contract_and_determinism():
   again = _take(pipeline.make_dataset(cfg, split="train", seed=0, batch_size=8, train=True), 3)
   other = _take(pipeline.make_dataset(cfg, split="train", seed=1, batch_size=8, train=True), 3)
   batch = first[0]
-  assert set(batch) == {"image", "label"}
+  assert set(batch) == {"image", "label", "index"}
   assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.float32
   assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
   assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
   for a, b in zip(first, again):
     _assert_batches_equal(a, b)
   assert any(not np.array_equal(a["image"], b["image"]) for a, b in zip(first, other))
+
+
+def test_index_names_the_source_example_in_every_epoch(tmp_path):
+  """"index" is the example's position in its split, whatever the shuffle, epoch or flip: a
+  method can tell an image drawn again from a new one (condition refinement's queue)."""
+  cfg = _cfg(source="folder", path=_write_folder(tmp_path), image_size=16)
+  source = pipeline.make_source(cfg, "train", seed=0)
+  batches = _take(pipeline.make_dataset(cfg, split="train", seed=3, batch_size=4, train=True), 9)
+  ids = np.concatenate([b["index"] for b in batches])        # 36 draws of 12 images: 3 epochs
+  assert ids.dtype == np.int32
+  for epoch in np.split(ids, 3):
+    assert sorted(epoch.tolist()) == list(range(12))
+  assert not np.array_equal(ids[:12], ids[12:24])             # reshuffled, ids follow the images
+  for batch in batches:
+    for image, index in zip(batch["image"], batch["index"]):
+      expected = pipeline.transforms.to_unit_range(
+          sources.decode_image_record(source[int(index)], 16))
+      assert (np.array_equal(image, expected)
+              or np.array_equal(image, pipeline.transforms.hflip(expected)))
 
 
 def test_process_split_union_equals_single_process():
@@ -284,7 +303,7 @@ def test_tfds_source_reads_a_prepared_dataset_without_tensorflow(tfds_dir):
   evals = list(pipeline.make_dataset(cfg, split="test", seed=0, batch_size=2, train=False))
   assert all(b["image"].shape == (4, 16, 16, 3) and b["label"].dtype == np.int32 for b in train)
   assert [b["image"].shape[0] for b in evals] == [2, 2, 1]
-  assert all(set(b) == {"image", "label"} for b in train + evals)   # string fields dropped
+  assert all(set(b) == {"image", "label", "index"} for b in train + evals)   # string fields dropped
   np.testing.assert_array_equal(train[0]["image"][..., 0], train[0]["image"][..., 2])  # gray -> RGB
   assert sorted(np.concatenate([b["label"] for b in evals]).tolist()) == [0, 0, 1, 1, 2]
   assert "tensorflow" not in sys.modules
@@ -330,8 +349,9 @@ def test_cached_roundtrip_and_flip_selection(tmp_path):
   assert pipeline.num_examples(cfg, "train") == total
   evals = list(pipeline.make_dataset(cfg, split="train", seed=0, batch_size=5, train=False))
   moments = np.concatenate([b["moments"] for b in evals])
-  assert set(evals[0]) == {"moments", "label"} and moments.dtype == np.float32
+  assert set(evals[0]) == {"moments", "label", "index"} and moments.dtype == np.float32
   np.testing.assert_array_equal(moments[:, 0, 0, 0], np.arange(total))  # shard order kept
+  np.testing.assert_array_equal(np.concatenate([b["index"] for b in evals]), np.arange(total))
   np.testing.assert_array_equal(np.concatenate([b["label"] for b in evals]), np.arange(total) % 10)
   train = _take(pipeline.make_dataset(cfg, split="train", seed=0, batch_size=4, train=True), 6)
   values = np.concatenate([b["moments"][:, 0, 0, 0] for b in train])

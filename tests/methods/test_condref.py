@@ -269,3 +269,19 @@ def test_fit_decay_does_not_read_a_rising_or_flat_sequence_as_decay():
   assert not flat["decays"] and flat["M"] == 0
   assert flat["beta_interval"] == [float(condition_error.BETA_GRID[0]),
                                    float(condition_error.BETA_GRID[-1])]
+
+
+def test_compare_lines_up_served_snr_and_refuses_mismatched_analyses():
+  """Across models the comparison is of the conditions each sampler feeds its head (the baseline's
+  raw z, the runtime model's R(z)) on the same held-out tokens and noise."""
+  def analysis(served, snr, seed=0):
+    return {"timesteps": [900, 0], "num_tokens": 64, "analysis_seed": seed, "score_t": 500,
+            "served": served, "mode": "runtime" if served == "refined" else "probe",
+            "variants": {"raw": {"denoise_snr_db": [1.0, 3.0]},
+                         "refined": {"denoise_snr_db": snr}}}
+  table = condition_error.compare({"base": analysis("raw", [9.0, 9.0]),
+                                   "refined": analysis("refined", [2.0, 5.0])})
+  assert table["base"]["mean_db"] == 2.0 and table["refined"]["mean_db"] == 3.5
+  assert table["refined"]["delta_db"] == 1.5 and table["base"]["delta_db"] == 0.0
+  with pytest.raises(ValueError, match="differ in analysis_seed"):
+    condition_error.compare({"a": analysis("raw", [0, 0]), "b": analysis("raw", [0, 0], seed=1)})

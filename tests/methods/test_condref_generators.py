@@ -50,6 +50,61 @@ def test_runtime_mode_never_feeds_the_samples_own_ground_truth_to_the_head():
   assert not np.allclose(a_extras[cr.QUEUE_KEY]["conditions"], b_extras[cr.QUEUE_KEY]["conditions"])
 
 
+def _runtime_terms(cross_fit=False, queue_ids=None):
+  """(refinement, run(z, tokens, ids) -> head input [B·L, D], its extras) over a full queue of
+  random entries whose example ids are `queue_ids` [128]."""
+  r = cr.condref_config()
+  _small(r, "runtime")
+  refinement = cr.ConditionRefinement(r, seq_len=16, cond_dim=8, token_dim=4, num_classes=10,
+                                      cross_fit=cross_fit)
+  rng = np.random.default_rng(5)
+  params = refinement.init_params(jax.random.key(0))
+  extras = refinement.init_extras(jax.random.key(0))
+  queue = cr.push(extras[cr.QUEUE_KEY], jnp.asarray(rng.normal(size=(128, 8)), jnp.float32),
+                  jnp.asarray(rng.integers(0, 10, 128)), jnp.asarray(rng.integers(0, 16, 128)),
+                  ids=queue_ids)
+  labels = jnp.arange(8) % 10
+  head = lambda x, t, zz: jnp.zeros((x.shape[0], 8))
+
+  def run(z, tokens, ids=None, queue=queue):
+    return refinement.training_terms(params, z, tokens, labels, labels, jnp.ones((8, 16)),
+                                     dict(extras, **{cr.QUEUE_KEY: queue}), jax.random.key(1),
+                                     head, ids=ids)[0]
+  return run, queue, rng
+
+
+def test_an_example_drawn_again_never_meets_its_own_queue_entries():
+  """The batch holds examples 0..7 and 80 of the 128 queue entries came from them (an earlier
+  epoch): changing those entries leaves the head's input bitwise unchanged, with fewer than
+  `num_reference` other entries left (so some own entries are drawn, with zero mass). Without
+  the ids (the first version) the same change moves it."""
+  ids = jnp.asarray(np.r_[np.arange(80) % 8, 100 + np.arange(48)], jnp.int32)
+  run, queue, rng = _runtime_terms(queue_ids=ids)
+  z = jnp.asarray(rng.normal(size=(8, 16, 8)), jnp.float32)
+  tokens = jnp.asarray(rng.normal(size=(8, 16, 4)), jnp.float32)
+  own = np.asarray(ids < 8)
+  moved = dict(queue, conditions=queue["conditions"].at[own].add(3.0))
+  batch_ids = jnp.arange(8, dtype=jnp.int32)
+  base = np.asarray(run(z, tokens, batch_ids))
+  assert np.abs(base - np.asarray(z).reshape(-1, 8)).max() > 0.01         # refinement acted
+  np.testing.assert_array_equal(np.asarray(run(z, tokens, batch_ids, moved)), base)
+  assert not np.allclose(np.asarray(run(z, tokens, None, moved)), np.asarray(run(z, tokens, None)))
+
+
+def test_causal_refinement_is_cross_fitted_between_batch_halves():
+  """A causal generator's later conditions saw the earlier tokens of their image: changing every
+  condition of image 0 but its first leaves that first row's head input bitwise unchanged when the
+  OT is cross-fitted, and moves it when the map is fitted on the whole batch."""
+  for cross_fit in (True, False):
+    run, _, rng = _runtime_terms(cross_fit=cross_fit)
+    z = jnp.asarray(rng.normal(size=(8, 16, 8)), jnp.float32)
+    tokens = jnp.asarray(rng.normal(size=(8, 16, 4)), jnp.float32)
+    later = z.at[0, 1:].add(jnp.asarray(rng.normal(size=(15, 8)), jnp.float32))
+    first, changed = np.asarray(run(z, tokens))[0], np.asarray(run(later, tokens))[0]
+    assert np.abs(first - np.asarray(z[0, 0])).max() > 0.01                 # refinement acted
+    assert np.array_equal(first, changed) == cross_fit
+
+
 @pytest.mark.parametrize("name,mode", [
     ("mar_digits", "runtime"),
     pytest.param("ar_diffusion_digits", "loss", marks=pytest.mark.slow)])
@@ -109,7 +164,9 @@ def test_generators_train_checkpoint_and_sample_with_refinement(name, mode, tmp_
   result = condition_error.analyze(probe, params, params[cr.QUEUE_KEY], moments, jnp.arange(4),
                                    jax.random.key(4), [999, 500, 0], 500)
   assert set(result["variants"]) == {"raw", "refined", "ideal"}
-  assert len(result["variants"]["raw"]["condition_snr_db"]) == 3
+  assert result["served"] == ("refined" if mode == "runtime" else "raw")
+  assert len(result["variants"]["raw"]["condition_snr_vs_e_phi_db"]) == 3
+  assert "condition_snr_vs_e_phi_db" not in result["variants"]["refined"]   # circular: not made
   assert all(np.isfinite(v) for v in result["variants"]["refined"]["denoise_snr_db"])
   condition_error.plot(result, str(tmp_path / "cond.png"))
   assert (tmp_path / "cond.png").stat().st_size > 1000

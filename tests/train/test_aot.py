@@ -53,3 +53,24 @@ def test_abstract_batch_of_llamagen_is_its_code_grid():
   batch = aot.abstract_batch(config, exp.method.batch_keys, exp.mesh)
   assert batch["codes"].shape == (16, 8, 8) and batch["codes"].dtype == "int32"
   assert batch["label"].shape == (16,)
+
+
+def test_condref_share_compiles_the_step_with_and_without_refinement():
+  """The refinement's FLOP and memory shares come from the same step compiled twice (here for
+  this machine's CPU, which needs no TPU compiler): the Sinkhorn work is counted, so the share
+  of FLOPs is positive and below one."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ardiff_jax.modes import aot  # pylint: disable=g-import-not-at-top
+  config = load_config("mar_digits", "tiny")
+  config.tokenizer.latent_scale = 1.0
+  config.condref.mode = "runtime"
+  config.condref.update(num_points=32, num_reference=64, queue_size=128, push_per_step=32,
+                        sinkhorn_iterations=10)
+  devices = jax.devices()[:1]
+  _, on = aot._compile_step(config, devices)   # pylint: disable=protected-access
+  share = aot.condref_share(config, devices, on)
+  assert 0.0 < share["condref_flops_share"] < 1.0
+  assert share["condref_off_flops_per_step"] < on["flops_per_step"]
+  assert "condref_memory_share" in share
+  config.condref.mode = "off"
+  assert aot.condref_share(config, devices, on) == {}
