@@ -126,6 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 64              # generation batch (global)
   c.eval.every_steps = 0              # >0: run the evaluation during training every K steps
   c.eval.num_real = 0                 # held-out real images as reference (0: the whole split)
+  c.eval.memorization_train = 10_000  # training images of the memorisation check (0: all; -1: off)
   c.eval.pr_k = 3                     # k of the k-NN manifolds (Kynkäänniemi et al. 2019)
   c.eval.condition_error_samples = 128  # held-out images of the condition-error analysis (0: off;
                                         # DiffLoss generators only, evals/condition_error.py)

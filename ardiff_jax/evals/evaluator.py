@@ -12,7 +12,9 @@ The reference is always the held-out real split (`data.eval_split`, or `eval.num
 
 Metrics, each named with its feature network:
   - on our own classifier (`evals/features.py`): `fd_clf`, `class_accuracy` (arg-max class of a
-    sample vs the class it was generated for), `precision`, `recall` (k = `eval.pr_k`);
+    sample vs the class it was generated for), `precision`, `recall` (k = `eval.pr_k`), and the
+    memorisation check `memorization/*` (`metrics.memorization`: the samples' nearest-training-
+    image distance against the held-out images', over `eval.memorization_train` training images);
   - on the FID InceptionV3, when `eval.inception_weights` is set: `fid` (against `eval.fid_stats`,
     or statistics of the held-out split computed once and saved), `inception_score` (10 splits),
     `precision_inception`, `recall_inception`.
@@ -147,6 +149,18 @@ def inception_metrics(config, workdir, gen_images: np.ndarray, real_images: np.n
   return out
 
 
+def train_reference(fnet: features.FeatureNet, data_cfg, num_train: int, seed: int) -> np.ndarray:
+  """Feature-net features [M, F] of `num_train` training images (0: all), cached next to the net."""
+  path = os.path.join(fnet.directory, f"train_{data_cfg.train_split}_{num_train}_{seed}.npz")
+  if os.path.exists(path):
+    with np.load(path) as f:
+      return f["features"]
+  images, _ = features.load_images(data_cfg, data_cfg.train_split, limit=num_train, seed=seed)
+  feats, _ = fnet.features_and_logits(images, desc="features (train)")
+  np.savez(path, features=feats)
+  return feats
+
+
 def score(config: ml_collections.ConfigDict, workdir: str, fnet: features.FeatureNet, real: tuple,
           gen_images: np.ndarray, gen_labels: np.ndarray) -> dict:
   """Metrics of uint8 images [N,H,W,3] (generated for `gen_labels` [N]) against the held-out
@@ -165,5 +179,10 @@ def score(config: ml_collections.ConfigDict, workdir: str, fnet: features.Featur
       "precision": precision, "recall": recall, "pr_k": int(ecfg.pr_k),
       "pr_num_each": int(min(len(real_feats), len(gen_feats))),
   }
+  num_train = int(ecfg.get("memorization_train", -1))
+  if num_train >= 0:
+    train_feats = train_reference(fnet, eval_data_config(config), num_train, config.seed)
+    result.update({f"memorization/{k}": v for k, v in
+                   M.memorization(gen_feats, real_feats, train_feats).items()})
   result.update(inception_metrics(config, workdir, gen_images, real_images))
   return result

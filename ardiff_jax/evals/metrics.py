@@ -121,6 +121,30 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
   return precision, recall
 
 
+def nearest_distances(queries: np.ndarray, support: np.ndarray) -> np.ndarray:
+  """[N] Euclidean distance of each query to its nearest support point (float64)."""
+  q, s = np.asarray(queries, np.float64), np.asarray(support, np.float64)
+  out = np.empty(len(q))
+  for i, d in _sq_dists_blocks(q, s):
+    out[i:i + len(d)] = np.sqrt(d.min(axis=1))
+  return out
+
+
+def memorization(generated: np.ndarray, held_out: np.ndarray, train: np.ndarray) -> dict:
+  """How close samples sit to the training images, against how close new real images do.
+
+  Features [N, F] of generated and held-out real images, and of training images [M, F]. A model
+  that copies its training set puts its samples nearer the training images than held-out images
+  are: `nn_train_ratio` (median nearest-training distance of the samples over that of the held-out
+  images) falls below 1, and `frac_below_real_p5` (samples nearer a training image than 95% of
+  held-out images are) rises above its 0.05 of a model that does not copy."""
+  gen_d, real_d = nearest_distances(generated, train), nearest_distances(held_out, train)
+  return {"nn_train_median": float(np.median(gen_d)),
+          "nn_train_median_real": float(np.median(real_d)),
+          "nn_train_ratio": float(np.median(gen_d) / max(np.median(real_d), 1e-30)),
+          "frac_below_real_p5": float(np.mean(gen_d < np.percentile(real_d, 5)))}
+
+
 def class_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
   """Fraction of samples whose arg-max class equals the class they were generated for."""
   return float(np.mean(np.argmax(logits, axis=-1) == np.asarray(labels)))

@@ -128,6 +128,7 @@ def test_cached_source_needs_an_image_dataset(trained):
 def test_eval_mode_on_real_training_images(trained, config, tmp_path):
   fnet = trained[1]
   config.eval.source, config.eval.num_samples = "real_train", 300
+  config.eval.memorization_train = 0        # every training image: these 300 are among them
   result = main_lib.run(config, str(tmp_path), "eval")
   with open(tmp_path / "eval" / "real_train_0.json") as f:
     written = json.load(f)
@@ -137,6 +138,9 @@ def test_eval_mode_on_real_training_images(trained, config, tmp_path):
     assert key in written
   assert written["feature_net"] == fnet.name and written["num_samples"] == 300
   assert written["class_accuracy"] > 0.9 and written["precision"] > 0.5 and written["recall"] > 0.5
+  # Training images "generated": the memorisation check sees copies.
+  assert written["memorization/nn_train_ratio"] < 0.01
+  assert written["memorization/frac_below_real_p5"] == 1.0
 
 
 def test_eval_mode_scores_a_trained_tokenizer_and_inception(config, tmp_path):

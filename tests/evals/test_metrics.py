@@ -91,3 +91,18 @@ def test_precision_recall_matches_brute_force_loops():
 def test_class_accuracy():
   logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
   assert M.class_accuracy(logits, np.array([0, 1, 1])) == pytest.approx(2 / 3)
+
+
+def test_memorization_separates_copies_from_new_draws():
+  """Nearest-training distances against a brute-force loop; samples that copy training points
+  (plus a little noise) sit far nearer them than held-out draws do, new draws of the same law
+  do not."""
+  rng = np.random.default_rng(4)
+  train, held_out, fresh = (rng.normal(size=(n, 4)) for n in (300, 120, 120))
+  brute = np.array([min(np.linalg.norm(q - t) for t in train) for q in fresh])
+  np.testing.assert_allclose(M.nearest_distances(fresh, train), brute, rtol=1e-12)
+  copies = train[rng.choice(300, 120)] + 0.01 * rng.normal(size=(120, 4))
+  copied = M.memorization(copies, held_out, train)
+  assert copied["nn_train_ratio"] < 0.05 and copied["frac_below_real_p5"] == 1.0
+  new = M.memorization(fresh, held_out, train)
+  assert 0.7 < new["nn_train_ratio"] < 1.3 and new["frac_below_real_p5"] < 0.15
