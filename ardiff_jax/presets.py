@@ -168,10 +168,11 @@ def use_cifar10_eval(c: ml_collections.ConfigDict) -> None:
   c.eval.num_samples, c.eval.batch_size = 10000, 250
 
 
-def use_digits_condref(c: ml_collections.ConfigDict, mode: str) -> None:
-  """Condition refinement sized for a digits batch (64 images × 16 tokens = 1,024 conditions, of
-  which MAR's mask leaves ≥ 70% loss-bearing): fit on 512 of them against 1,024 of a 4,096-entry
-  queue that 256 conditions join per step (full after 16 steps)."""
+def use_16_token_condref(c: ml_collections.ConfigDict, mode: str) -> None:
+  """Condition refinement sized for batches of ≥ 64 images of 16 tokens (the digits and CIFAR-10
+  generators: 64 × 16 = 1,024 conditions at batch 64, of which MAR's mask leaves ≥ 70%
+  loss-bearing): fit on 512 of them against 1,024 of a 4,096-entry queue that 256 conditions
+  join per step (full after 16 steps)."""
   c.condref.mode = mode
   c.condref.update(num_points=512, num_reference=1024, queue_size=4096, push_per_step=256)
 

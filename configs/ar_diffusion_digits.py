@@ -9,7 +9,7 @@ order (raster | random).
 """
 from ardiff_jax import configlib
 from ardiff_jax.methods.ar_diffusion import ar_base_config
-from ardiff_jax.presets import (use_digits_condref, use_digits_latents,
+from ardiff_jax.presets import (use_16_token_condref, use_digits_latents,
                                            use_cpu_run)
 
 
@@ -20,7 +20,7 @@ def get_config(arg=None):
   use_digits_latents(c, c.ar, a.kl, a.tiny)
 
   use_cpu_run(c, c.ar, a.steps, a.tiny)
-  use_digits_condref(c, a.condref)
+  use_16_token_condref(c, a.condref)
   c.ar.order = a.order
   if a.tiny:
     c.ar.preset = "gpt_tiny"

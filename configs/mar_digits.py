@@ -11,7 +11,7 @@ Args: steps, batch, kl (the tokenizer run), tiny (a seconds-long smoke run for t
 condref (off | probe | loss | runtime: condition refinement, methods/condref.py).
 """
 from ardiff_jax import configlib
-from ardiff_jax.presets import (use_digits_condref, use_digits_latents,
+from ardiff_jax.presets import (use_16_token_condref, use_digits_latents,
                                            use_cpu_run)
 from ardiff_jax.methods.mar import mar_base_config
 
@@ -24,7 +24,7 @@ def get_config(arg=None):
   c.mar.num_ar_steps = 16
 
   use_cpu_run(c, c.mar, a.steps, a.tiny)
-  use_digits_condref(c, a.condref)
+  use_16_token_condref(c, a.condref)
   if a.tiny:
     c.mar.preset = "mar_tiny"
     c.mar.num_ar_steps = 4
