@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from ardiff_jax.methods import latent_tokens, llamagen
 from ardiff_jax.modes import bench
 from ardiff_jax.parallel import sharding as shd
 from ardiff_jax.train.experiment import build_experiment
@@ -53,24 +52,10 @@ def topology_devices(topology: str) -> list:
 
 def abstract_batch(config: ml_collections.ConfigDict, batch_keys, mesh) -> dict:
   """Shape-only global batch for the method's keys, sharded along the batch axis."""
-  b, size = config.train.batch_size, config.data.image_size
-  shapes = {"image": ((b, size, size, 3), jnp.float32), "label": ((b,), jnp.int32),
-            "index": ((b,), jnp.int32)}
-  if "moments" in batch_keys:
-    ae = latent_tokens.build_autoencoder(config)
-    side = size // 2 ** (len(ae.enc_ch_mult) - 1)
-    shapes["moments"] = ((b, side, side, 2 * ae.embed_dim), jnp.float32)
-  if "codes" in batch_keys:
-    side, _, _ = llamagen.code_geometry(config)
-    shapes["codes"] = ((b, side, side), jnp.int32)
   data = shd.batch_sharding(mesh)
-  out = {}
-  for k in batch_keys:
-    if k not in shapes:
-      raise ValueError(f"--mode aot does not know the shape of batch key {k!r}")
-    shape, dtype = shapes[k]
-    out[k] = jax.ShapeDtypeStruct(shape, dtype, sharding=data)
-  return out
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=data)
+          for k, (shape, dtype) in bench.batch_shapes(config, batch_keys,
+                                                      config.train.batch_size).items()}
 
 
 def memory_report(compiled) -> dict:

@@ -1,7 +1,8 @@
 """`--mode bench`: train-step and sampling throughput, compile time and MFU, as `bench.json`.
 
 The train step is the real jitted, sharded step on one real data batch (reused, so the input
-pipeline is not measured). FLOPs come from XLA's cost analysis of the compiled step; MFU divides
+pipeline is not measured), or with `bench.synthetic_data` on a random batch of the same shapes
+(speed only: a machine without the dataset, e.g. `configs/mar_imagenet256.py` on a lent GPU). FLOPs come from XLA's cost analysis of the compiled step; MFU divides
 achieved FLOP/s by the device's peak dense bf16 FLOP/s where that peak is known, else it is null.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from ardiff_jax.methods import latent_tokens, llamagen
 from ardiff_jax.parallel import sharding as shd
 from ardiff_jax.train.experiment import build_experiment
 from ardiff_jax.train.loop import train_data_iter
@@ -131,9 +133,52 @@ def _condref_share(config: ml_collections.ConfigDict, local: dict, step_time: fl
           "condref_step_share": 1.0 - off_time / step_time}
 
 
+def batch_shapes(config: ml_collections.ConfigDict, batch_keys, batch_size: int) -> dict:
+  """{key: (shape, dtype)} of a data batch of `batch_size` with the method's `batch_keys`."""
+  b, size = batch_size, config.data.image_size
+  shapes = {"image": ((b, size, size, 3), np.float32), "label": ((b,), np.int32),
+            "index": ((b,), np.int32)}
+  if "moments" in batch_keys:
+    ae = latent_tokens.build_autoencoder(config)
+    side = size // 2 ** (len(ae.enc_ch_mult) - 1)
+    shapes["moments"] = ((b, side, side, 2 * ae.embed_dim), np.float32)
+  if "codes" in batch_keys:
+    side, _, _ = llamagen.code_geometry(config)
+    shapes["codes"] = ((b, side, side), np.int32)
+  missing = [k for k in batch_keys if k not in shapes]
+  if missing:
+    raise ValueError(f"the shapes of batch keys {missing} are not known here (modes/bench.py)")
+  return {k: shapes[k] for k in batch_keys}
+
+
+def synthetic_batch(config: ml_collections.ConfigDict, batch_keys, batch_size: int) -> dict:
+  """A random host batch of `batch_shapes` (seeded): images in [-1, 1], moments with a small
+  log-variance, labels and codes in range, indices 0..B−1. Only for timing."""
+  rng = np.random.default_rng(config.seed)
+  out = {}
+  for k, (shape, dtype) in batch_shapes(config, batch_keys, batch_size).items():
+    if k == "image":
+      out[k] = rng.uniform(-1, 1, shape).astype(dtype)
+    elif k == "moments":
+      c = shape[-1] // 2
+      out[k] = np.concatenate([rng.normal(size=shape[:-1] + (c,)),
+                               np.full(shape[:-1] + (c,), -6.0)], -1).astype(dtype)
+    elif k == "label":
+      out[k] = rng.integers(0, config.data.num_classes, shape).astype(dtype)
+    elif k == "codes":
+      out[k] = rng.integers(0, llamagen.code_geometry(config)[2], shape).astype(dtype)
+    else:
+      out[k] = np.arange(shape[0], dtype=dtype)
+  return out
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Measures the train step and the sampler; writes and returns `bench.json`'s dict."""
-  local = next(train_data_iter(config))
+  if config.bench.get("synthetic_data", False):
+    keys = build_experiment(config).method.batch_keys
+    local = synthetic_batch(config, keys, config.train.batch_size // jax.process_count())
+  else:
+    local = next(train_data_iter(config))
   exp, state, compile_time, step_time, flops = _measure_train_step(config, local)
   result = {
       "method": config.method,

@@ -74,3 +74,24 @@ def test_condref_share_compiles_the_step_with_and_without_refinement():
   assert "condref_memory_share" in share
   config.condref.mode = "off"
   assert aot.condref_share(config, devices, on) == {}
+
+
+def test_synthetic_bench_batch_has_the_compiled_shapes():
+  """`bench.synthetic_data` times the step on a random batch of exactly the shapes `--mode aot`
+  compiles, with labels and codes in range (a lent GPU needs no dataset)."""
+  from ardiff_jax.methods import llamagen  # pylint: disable=g-import-not-at-top
+  from ardiff_jax.modes import aot, bench  # pylint: disable=g-import-not-at-top
+  from ardiff_jax.train.experiment import build_experiment  # pylint: disable=g-import-not-at-top
+  for name in ("llamagen_digits", "mar_digits"):
+    config = load_config(name, "tiny")
+    config.tokenizer.latent_scale = 1.0
+    if "condref" in config:
+      config.condref.mode = "runtime"      # its batches carry the examples' ids
+    exp = build_experiment(config)
+    batch = bench.synthetic_batch(config, exp.method.batch_keys, 16)
+    spec = aot.abstract_batch(config, exp.method.batch_keys, exp.mesh)
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+        k: (v.shape, v.dtype) for k, v in spec.items()}
+    assert 0 <= batch["label"].min() and batch["label"].max() < config.data.num_classes
+    if "codes" in batch:
+      assert batch["codes"].max() < llamagen.code_geometry(config)[2]
