@@ -1,0 +1,92 @@
+"""Mean ± std across seeds of the evaluations of several runs, as a Markdown table.
+
+    python -m ardiff_jax.evals.table "MAR, probe=W0,W1,W2" "MAR, runtime=W3,W4,W5" ...
+
+Each argument is `LABEL=WORKDIR,WORKDIR,...` (one workdir per seed); every workdir's newest
+`eval/<step>.json` is read (and its `eval/condition_error_<step>.json`, when there is one). Columns:
+FD-clf, class accuracy, precision / recall, the memorisation ratio (`memorization/nn_train_ratio`),
+the served conditions' denoising SNR and, for the decay of the condition score along the AR
+chain, in how many seeds the fit says it decays (M > 0 and β's interval below 1) with the mean β.
+The std is the sample std (ddof 1) over the seeds; one seed gives its value alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+import numpy as np
+
+COLUMNS = ("FD-clf", "class acc (%)", "precision / recall", "memorisation ratio",
+           "served denoise SNR (dB)", "score decays (β)")
+
+
+def newest_eval(workdir: str) -> tuple[dict, dict | None]:
+  """(eval/<step>.json, its condition_error_<step>.json or None) of the newest evaluated step."""
+  out_dir = os.path.join(workdir, "eval")
+  steps = [int(m.group(1)) for n in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+           if (m := re.fullmatch(r"(\d+)\.json", n))]
+  if not steps:
+    raise ValueError(f"{workdir} has no eval/<step>.json: run --mode eval of it first")
+  step = max(steps)
+  with open(os.path.join(out_dir, f"{step}.json")) as f:
+    result = json.load(f)
+  path = os.path.join(out_dir, f"condition_error_{step}.json")
+  if not os.path.exists(path):
+    return result, None
+  with open(path) as f:
+    return result, json.load(f)
+
+
+def mean_std(values, fmt: str) -> str:
+  """"m ± s" over the values (sample std), or the one value; "–" when none is known."""
+  v = np.asarray([x for x in values if x is not None], np.float64)
+  if len(v) == 0:
+    return "–"
+  if len(v) == 1:
+    return f"{v[0]:{fmt}}"
+  return f"{v.mean():{fmt}} ± {v.std(ddof=1):{fmt}}"
+
+
+def row(label: str, workdirs: list[str]) -> list[str]:
+  """One table row: the label, the number of seeds, then `COLUMNS`."""
+  evals = [newest_eval(w) for w in workdirs]
+  get = lambda key, scale=1.0: [None if key not in e else scale * e[key] for e, _ in evals]
+  served = [None if c is None else float(np.mean(c["variants"][c["served"]]["denoise_snr_db"]))
+            for _, c in evals]
+  fits = [c["score_by_step"]["fit"] for _, c in evals if c is not None and c["score_by_step"]["fit"]]
+  decay = (f"{sum(f['decays'] for f in fits)}/{len(fits)} ({mean_std([f['beta'] for f in fits], '.2f')})"
+           if fits else "–")
+  return [label, str(len(workdirs)), mean_std(get("fd_clf"), ".2f"),
+          mean_std(get("class_accuracy", 100.0), ".1f"),
+          f"{mean_std(get('precision'), '.3f')} / {mean_std(get('recall'), '.3f')}",
+          mean_std(get("memorization/nn_train_ratio"), ".3f"), mean_std(served, ".2f"), decay]
+
+
+def table(groups: dict[str, list[str]]) -> str:
+  """The Markdown table of {label: [workdir per seed]}."""
+  lines = ["| run | seeds | " + " | ".join(COLUMNS) + " |",
+           "|" + "---|" * (len(COLUMNS) + 2)]
+  lines += ["| " + " | ".join(row(label, dirs)) + " |" for label, dirs in groups.items()]
+  return "\n".join(lines)
+
+
+def parse_groups(argv: list[str]) -> dict[str, list[str]]:
+  groups = {}
+  for arg in argv:
+    label, sep, dirs = arg.rpartition("=")
+    if not sep or not label or not dirs:
+      raise ValueError(f"{arg!r}: expected LABEL=WORKDIR[,WORKDIR...]")
+    groups[label] = dirs.split(",")
+  return groups
+
+
+def main(argv: list[str]) -> None:
+  if not argv:
+    raise SystemExit("usage: python -m ardiff_jax.evals.table LABEL=WORKDIR[,WORKDIR...] ...")
+  print(table(parse_groups(argv)))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
