@@ -205,7 +205,7 @@ def test_a_kl_cache_given_to_llamagen_is_refused_before_anything_is_written(tmp_
            "label": 1}] * 8
   sources.write_cached_shard(str(tmp_path / "cache" / "train" / "s.array_record"), recs)
   config = load_config("llamagen_digits", f"tiny,vq={tmp_path}")
-  with pytest.raises(pipeline.DataError, match=r"reads \['codes', 'label'\].*yields \['label', "
+  with pytest.raises(pipeline.DataError, match=r"reads \['codes', 'label'\].*yields \['index', 'label', "
                      r"'moments'\]: 'codes' comes from the cache of a VQ tokenizer run"):
     main_lib.run(config, str(tmp_path / "run"), "train")
   assert not os.path.exists(tmp_path / "run")
