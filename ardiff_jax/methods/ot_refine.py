@@ -173,16 +173,14 @@ def draw_reference(queue: dict, rng: jax.Array, n: int, exclude_ids: jax.Array |
   """n distinct queue entries at random: (conditions [n, D], labels [n], positions [n], marginal
   [n]). Entries whose example id is in `exclude_ids` [k] (the current batch's examples) are drawn
   only when too few others exist, and then with zero mass, so a condition is never matched to
-  its own example's entries; the marginal is uniform over the rest (all zero when none is left)."""
-  size = queue["conditions"].shape[0]
-  if exclude_ids is None:
-    keep = jnp.ones((size,), bool)
-  else:
-    keep = ~jnp.any(queue["ids"][:, None] == exclude_ids.astype(jnp.int32)[None, :], axis=1)
-    keep |= queue["ids"] == NO_ID
-  idx = jax.lax.top_k(jax.random.gumbel(rng, (size,)) + jnp.where(keep, 0.0, -1e9), n)[1]
-  mass = keep[idx].astype(jnp.float32)
-  marginal = mass / jnp.maximum(mass.sum(), 1.0)
+  its own example's entries; the marginal is uniform over the rest (all zero when none is left).
+  The draw is `fit_rows`' with the kept entries as the rows of weight."""
+  keep = jnp.ones(queue["conditions"].shape[:1], bool)
+  if exclude_ids is not None:
+    own = jnp.any(queue["ids"][:, None] == exclude_ids.astype(jnp.int32)[None, :], axis=1)
+    keep = ~own | (queue["ids"] == NO_ID)
+  idx, marginal = fit_rows(rng, keep.astype(jnp.float32), n)
+  marginal = jnp.where(jnp.any(keep), marginal, 0.0)
   return queue["conditions"][idx], queue["labels"][idx], queue["positions"][idx], marginal
 
 
