@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -275,16 +276,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, method, params, step: i
   return dict(summary(result), condition_error_file=stem + ".json")
 
 
+def newest_step(workdir: str, prefix: str = "") -> int | None:
+  """The largest step of a run's `eval/<prefix><step>.json` files, or None when there is none."""
+  out_dir = os.path.join(workdir, "eval")
+  pattern = re.compile(re.escape(prefix) + r"(\d+)\.json")
+  steps = [int(m.group(1)) for n in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+           if (m := pattern.fullmatch(n))]
+  return max(steps) if steps else None
+
+
 def latest_analysis(workdir: str) -> dict:
   """The newest eval/condition_error_<step>.json of a run (ValueError naming the fix if none)."""
-  out_dir = os.path.join(workdir, "eval")
-  names = [n for n in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
-           if n.startswith("condition_error_") and n.endswith(".json")]
-  if not names:
+  step = newest_step(workdir, "condition_error_")
+  if step is None:
     raise ValueError(f"{workdir} has no eval/condition_error_<step>.json: run --mode eval of it "
                      "(a DiffLoss generator with eval.condition_error_samples > 0)")
-  newest = max(names, key=lambda n: int(n[len("condition_error_"):-len(".json")]))
-  with open(os.path.join(out_dir, newest)) as f:
+  with open(os.path.join(workdir, "eval", f"condition_error_{step}.json")) as f:
     return json.load(f)
 
 

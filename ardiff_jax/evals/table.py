@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 
 import numpy as np
+
+from ardiff_jax.evals import condition_error
 
 COLUMNS = ("FD-clf", "class acc (%)", "precision / recall", "memorisation ratio",
            "served denoise SNR (dB)", "score decays (β)")
@@ -24,15 +25,12 @@ COLUMNS = ("FD-clf", "class acc (%)", "precision / recall", "memorisation ratio"
 
 def newest_eval(workdir: str) -> tuple[dict, dict | None]:
   """(eval/<step>.json, its condition_error_<step>.json or None) of the newest evaluated step."""
-  out_dir = os.path.join(workdir, "eval")
-  steps = [int(m.group(1)) for n in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
-           if (m := re.fullmatch(r"(\d+)\.json", n))]
-  if not steps:
+  step = condition_error.newest_step(workdir)
+  if step is None:
     raise ValueError(f"{workdir} has no eval/<step>.json: run --mode eval of it first")
-  step = max(steps)
-  with open(os.path.join(out_dir, f"{step}.json")) as f:
+  with open(os.path.join(workdir, "eval", f"{step}.json")) as f:
     result = json.load(f)
-  path = os.path.join(out_dir, f"condition_error_{step}.json")
+  path = os.path.join(workdir, "eval", f"condition_error_{step}.json")
   if not os.path.exists(path):
     return result, None
   with open(path) as f:
