@@ -105,10 +105,9 @@ def condref_share(config: ml_collections.ConfigDict, devices, on: dict) -> dict:
   """Condition refinement's share of the step compiled with it (`on`, what `_compile_step`
   returned): the same step compiled with `condref.mode=off`, then 1 − off/on for the FLOPs and
   for the per-chip memory (total and temporaries). Empty when refinement is off."""
-  if "condref" not in config or config.condref.mode == "off" or not on["fits"]:
+  off_config = bench.without_condref(config)
+  if off_config is None or not on["fits"]:
     return {}
-  off_config = config.copy_and_resolve_references()
-  off_config.condref.mode = "off"
   _, off = _compile_step(off_config, devices)
   if not off["fits"]:
     return {"condref_mode": config.condref.mode, "condref_off_fits": False}

@@ -122,12 +122,21 @@ def _measure_train_step(config: ml_collections.ConfigDict, local: dict):
   return exp, holder["state"], compile_time, step_time, traced_flops(step_fn, state, batch)
 
 
-def _condref_share(config: ml_collections.ConfigDict, local: dict, step_time: float) -> dict:
-  """The condition refinement's share of the train step: 1 − t(refinement off) / t(on)."""
+def without_condref(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+  """The same config with condition refinement off, or None when it is off already: what the
+  refinement's share of a step (here and in `--mode aot`) is measured against."""
   if "condref" not in config or config.condref.mode == "off":
-    return {}
+    return None
   off = config.copy_and_resolve_references()
   off.condref.mode = "off"
+  return off
+
+
+def _condref_share(config: ml_collections.ConfigDict, local: dict, step_time: float) -> dict:
+  """The condition refinement's share of the train step: 1 − t(refinement off) / t(on)."""
+  off = without_condref(config)
+  if off is None:
+    return {}
   *_, off_time, _ = _measure_train_step(off, local)
   return {"condref_mode": config.condref.mode, "step_time_condref_off_s": off_time,
           "condref_step_share": 1.0 - off_time / step_time}
