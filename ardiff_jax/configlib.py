@@ -141,7 +141,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.bench = ml_collections.ConfigDict()
   c.bench.steps = 10
   c.bench.warmup_steps = 2
-  c.bench.synthetic_data = False      # time on a random batch of the data's shapes (no dataset needed)
+  c.bench.synthetic_data = False      # time on a random batch of the data's shapes (no dataset)
 
   c.aot = ml_collections.ConfigDict()
   c.aot.topology = ""

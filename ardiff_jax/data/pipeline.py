@@ -341,7 +341,8 @@ def make_dataset(data_cfg, *, split: str, seed: int, batch_size: int, train: boo
 
   Yields {"image": f32 [B, S, S, 3] in [-1, 1], "label": int32 [B], "index": int32 [B]} for
   image sources, {"moments": f32 [B, h, w, 2C] | "codes": int32 [B, h, w], "label", "index"} for
-  the cached source ("index": each example's position in its split, the same in every epoch) (codes: one of each record's views in training, the first otherwise).
+  the cached source (codes: one of each record's views in training, the first otherwise);
+  "index" is each example's position in its split, the same in every epoch.
   `batch_size` B is per process. train=True: seeded shuffle, infinite repeat,
   random flip (if data_cfg.random_flip), full batches only. train=False: dataset
   order, one pass, no flip, last batch may be short. Unreadable images are dropped

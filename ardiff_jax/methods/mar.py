@@ -147,7 +147,8 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     return decode(frozen, tokens)
 
   return Method(name="mar", model=model, init_params=init_params, loss_fn=loss_fn,
-                batch_keys=("moments", "label") + refinement.batch_keys, decay_mask=decay_mask, generate=generate,
+                batch_keys=("moments", "label") + refinement.batch_keys,
+                decay_mask=decay_mask, generate=generate,
                 generate_from="labels", load_frozen=lt.tokenizer_loader(m.tokenizer_workdir),
                 init_frozen=lt.tokenizer_init(config), init_extras=refinement.init_extras,
                 sampling_params=refinement.sampling_params, condition_probe=probe,

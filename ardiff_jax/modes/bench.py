@@ -2,8 +2,9 @@
 
 The train step is the real jitted, sharded step on one real data batch (reused, so the input
 pipeline is not measured), or with `bench.synthetic_data` on a random batch of the same shapes
-(speed only: a machine without the dataset, e.g. `configs/mar_imagenet256.py` on a lent GPU). FLOPs come from XLA's cost analysis of the compiled step; MFU divides
-achieved FLOP/s by the device's peak dense bf16 FLOP/s where that peak is known, else it is null.
+(speed only: a machine without the dataset, e.g. `configs/mar_imagenet256.py` on a GPU). FLOPs
+are counted on the step's jaxpr (`traced_flops`); MFU divides achieved FLOP/s by the device's
+peak dense bf16 FLOP/s where that peak is known, else it is null.
 """
 from __future__ import annotations
 
