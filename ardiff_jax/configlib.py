@@ -67,6 +67,24 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return out
 
 
+def probe_config() -> ml_collections.ConfigDict:
+  """Defaults of the `probe` section: `--mode probe`'s linear probe (evals/linear_probe.py), ST-AR's
+  protocol after MAE's `main_linprobe.py` (reference/llamagen_star.md §3)."""
+  c = ml_collections.ConfigDict()
+  c.layer = 0                # probed block, 1-based; 0: the method's default (half the depth)
+  c.num_positions = 8        # P token positions, `linear_probe.positions`
+  c.epochs = 90
+  c.warmup_epochs = 10
+  c.batch_size = 16384       # effective batch, capped at the number of training rows
+  c.base_lr = 0.1            # lr = base_lr · batch / 256
+  c.weight_decay = 0.0
+  c.momentum = 0.9
+  c.trust_coefficient = 0.001
+  c.feature_passes = 1       # passes over the train split whose features are kept (one view each)
+  c.max_train = 0            # > 0: keep at most this many training rows (the first of the stream)
+  return c
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The fields everyone relies on (DESIGN.md, Contracts). Method configs fill in the rest."""
   c = ml_collections.ConfigDict()
@@ -104,6 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_split = "test"
   c.data.image_size = 32
   c.data.random_flip = True
+  c.data.views = 1                    # cached codes: distinct views per example (ST-AR: 2)
   c.data.num_classes = 10
   c.data.digits_test_fraction = 0.2
   c.data.num_workers = 0
@@ -142,6 +161,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.bench.steps = 10
   c.bench.warmup_steps = 2
   c.bench.synthetic_data = False      # time on a random batch of the data's shapes (no dataset)
+  c.probe = probe_config()
 
   c.aot = ml_collections.ConfigDict()
   c.aot.topology = ""

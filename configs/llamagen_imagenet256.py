@@ -9,19 +9,22 @@ LlamaGen's ten crops (a training item reads one). Sampling: CFG in logit space a
 scale per size (B, L 2.0; XL, XXL 1.75; 3B 1.65), top-k 0, top-p 1, temperature 1.
 Chain: train `configs/vq16_imagenet256.py` (or convert LlamaGen's vq_ds16_c2i.pt into such a run),
 `--mode cache` it (ten crops) into `cache`, then train here with `vq=<tokenizer run>`.
+`st_ar=True`: ST-AR (`methods/st_ar.py`) at the paper's settings: two distinct crops of the ten
+per image, mask ratio 0.25, contrastive features from the middle block (the paper prints 18 for
+L: `--config.st_ar.contrastive_layer=18`), teacher EMA 0.9999; it trains 50 or 300 epochs.
 """
 import ml_collections
 
 from ardiff_jax import configlib
 from ardiff_jax.methods.llamagen import llamagen_base_config
-from ardiff_jax.presets import IMAGENET_TRAIN_IMAGES, use_imagenet_images
+from ardiff_jax.presets import IMAGENET_TRAIN_IMAGES, use_imagenet_images, use_st_ar
 
 CFG = {"b": 2.0, "l": 2.0, "xl": 1.75, "xxl": 1.75, "3b": 1.65}
 
 
 def get_config(arg=None):
   a = configlib.parse_arg(arg, model="b", batch=256, epochs=300, vq="workdirs/vq16",
-                          cache="workdirs/vq16/cache")
+                          cache="workdirs/vq16/cache", st_ar=False)
   if a.model not in CFG:
     raise ValueError(f"model={a.model!r}: choose one of {sorted(CFG)}")
   c = llamagen_base_config(f"gpt_{a.model}", a.batch)
@@ -43,4 +46,6 @@ def get_config(arg=None):
   c.eval.data = ml_collections.ConfigDict(configlib.base_config().data.to_dict())
   use_imagenet_images(c.eval.data)   # the reference images of the metrics
   c.bench.steps = 10
+  if a.st_ar:
+    use_st_ar(c, short_run=False)
   return c

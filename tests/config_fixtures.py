@@ -32,6 +32,8 @@ VARIANTS = (
     ("ar_diffusion_cifar10", "tok=kl_tiny,cpu"),
     ("vq_cifar10", "preset=vq_tiny,disc=false"),
     ("llamagen_cifar10", "tok=vq_tiny,cpu"),
+    ("llamagen_cifar10", "tok=vq_tiny,cpu,st_ar"),
+    ("llamagen_imagenet256", "st_ar"),
     ("mar_imagenet256", "model=huge"),
     ("ar_diffusion_imagenet256", "model=b"),
 )

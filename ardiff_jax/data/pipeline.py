@@ -130,20 +130,31 @@ def _decode_image(index: int, record: dict[str, Any], *, image_size: int,
   return {"image": image, "label": record["label"]}
 
 
-def _select_view(index: int, record: dict[str, Any], *, flip_seed: int | None) -> dict[str, Any]:
+def _select_view(index: int, record: dict[str, Any], *, flip_seed: int | None,
+                 views: int = 1) -> dict[str, Any]:
   """Cached record -> {"moments": f32 [h, w, 2C] | "codes": int [h, w], "label"}: in training one
   of its views at random (the mirror image with p = 0.5; one of V codes views uniformly), else
-  the first (the image itself)."""
+  the first (the image itself). With `views` = k > 1 (codes only; ST-AR's two views) "codes" is
+  [k, h, w]: k distinct views drawn uniformly without replacement in training, else the first k."""
   if "moments" in record:
     use_flip = flip_seed is not None and flip_coin(flip_seed, index)
     return {"moments": record["moments_flip" if use_flip else "moments"], "label": record["label"]}
-  views = record["codes"].shape[0]
-  if flip_seed is None or views == 1:
+  available = record["codes"].shape[0]
+  if views > 1:
+    if views > available:
+      raise ValueError(f"data.views={views} distinct views per example, but the cache holds "
+                       f"{available} per image: cache with cache.ten_crop=True (10 views) or "
+                       f"lower data.views")
+    chosen = (np.arange(views) if flip_seed is None else
+              np.random.default_rng([_FLIP_SALT, flip_seed % 2**32, index]).choice(
+                  available, views, replace=False))
+    return {"codes": record["codes"][chosen], "label": record["label"]}
+  if flip_seed is None or available == 1:
     view = 0
-  elif views == 2:
+  elif available == 2:
     view = int(flip_coin(flip_seed, index))
   else:
-    view = int(np.random.default_rng([_FLIP_SALT, flip_seed % 2**32, index]).integers(views))
+    view = int(np.random.default_rng([_FLIP_SALT, flip_seed % 2**32, index]).integers(available))
   return {"codes": record["codes"][view], "label": record["label"]}
 
 
@@ -283,7 +294,10 @@ def _global_map_dataset(data_cfg, source, *, seed: int, train: bool) -> grain.Ma
     ds = ds.shuffle(seed=seed % 2**32).repeat()
   flip_seed = seed if (train and data_cfg.random_flip) else None
   if data_cfg.source == "cached":
-    decode = functools.partial(_select_view, flip_seed=flip_seed)
+    views = int(data_cfg.get("views", 1))
+    if views < 1:
+      raise ValueError(f"data.views={views} must be ≥ 1 (views of each cached example per item)")
+    decode = functools.partial(_select_view, flip_seed=flip_seed, views=views)
   else:
     decode = functools.partial(_decode_image, image_size=data_cfg.image_size, flip_seed=flip_seed)
   return ds.map_with_index(functools.partial(_decode_with_id, decode=decode))
@@ -341,7 +355,8 @@ def make_dataset(data_cfg, *, split: str, seed: int, batch_size: int, train: boo
 
   Yields {"image": f32 [B, S, S, 3] in [-1, 1], "label": int32 [B], "index": int32 [B]} for
   image sources, {"moments": f32 [B, h, w, 2C] | "codes": int32 [B, h, w], "label", "index"} for
-  the cached source (codes: one of each record's views in training, the first otherwise);
+  the cached source (codes: one of each record's views in training, the first otherwise; with
+  `data_cfg.views` = k > 1, codes [B, k, h, w] of k distinct views);
   "index" is each example's position in its split, the same in every epoch.
   `batch_size` B is per process. train=True: seeded shuffle, infinite repeat,
   random flip (if data_cfg.random_flip), full batches only. train=False: dataset

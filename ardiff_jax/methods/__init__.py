@@ -60,6 +60,13 @@ class Method:
     auxiliary_params: params -> bool tree, True for parameters trained beside the model as an
       instrument (condition refinement's E_φ); the optimizer clips their gradient by its own
       global norm, so they never rescale the model's update. None: one norm over all.
+    probe_features: (params, codes int32 [B, L], layer int) -> features float32 [B, L, D]: the
+      hidden state after transformer block `layer` (1-based; 0 = the method's default, half the
+      depth) of the frozen model, teacher-forced with the null class token (what `--mode probe`
+      trains linear heads on). None for methods without a discrete-token trunk.
+    extras_from_params: params -> dict of method-owned state that starts from the initial weights
+      (an EMA teacher equal to the student at step 0), merged into `init_extras`' dict. Its
+      leaves are sharded like the parameters whose key path ends theirs.
   """
   name: str
   model: Any
@@ -80,6 +87,8 @@ class Method:
   loss_reads_ema: bool = False
   check_batch: Callable[[dict], None] | None = None
   auxiliary_params: Callable[[PyTree], PyTree] | None = None
+  probe_features: Callable[..., jax.Array] | None = None
+  extras_from_params: Callable[[PyTree], dict] | None = None
 
 
 def frozen_run_loader(workdir: str, part: str, field: str, kind: str):
@@ -108,6 +117,7 @@ METHODS: dict[str, str] = {
     "mar": "mar",
     "ar_diffusion": "ar_diffusion",
     "llamagen": "llamagen",
+    "st_ar": "st_ar",
 }
 
 

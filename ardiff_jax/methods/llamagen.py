@@ -128,9 +128,17 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     size = config.data.image_size
     return nn.meta.unbox(vq.init(rng, jnp.zeros((1, size, size, 3)))["params"])
 
+  def probe_features(params, codes, layer):
+    """codes [B, L] -> [B, L, D]: block `layer`'s output (0: half the depth, ST-AR's layer 6 of
+    12), teacher-forced with the null class, so no label reaches the features (ST-AR §3.2)."""
+    labels = jnp.full(codes.shape[:1], null, jnp.int32)
+    states = model.apply({"params": params}, codes, labels, capture=layer or gpt_lib.middle_block(model.depth),
+                         method=gpt_lib.GPT.hidden_states)
+    return states["mid"]
+
   return Method(name="llamagen", model=model, init_params=init_params, loss_fn=loss_fn,
                 batch_keys=("codes", "label"), generate=generate, generate_from="labels",
                 load_frozen=frozen_run_loader(g.tokenizer_workdir, "vq", "llamagen.tokenizer_workdir",
                                               "VQ tokenizer (configs/vq_*.py)"),
                 init_frozen=init_frozen,
-                check_batch=check_batch)
+                check_batch=check_batch, probe_features=probe_features)

@@ -58,6 +58,11 @@ def make_gpt(preset: str, *, token_dim: int, seq_len: int, num_classes: int, **o
              **{**PRESETS[preset], **overrides})
 
 
+def middle_block(depth: int) -> int:
+  """The 1-based block ST-AR reads features from by default: depth // 2 (6 of GPT-B's 12), ≥ 1."""
+  return max(depth // 2, 1)
+
+
 def ffn_hidden(width: int, multiple_of: int = 256) -> int:
   hidden = int(2 * 4 * width / 3)
   return multiple_of * math.ceil(hidden / multiple_of)
@@ -108,12 +113,14 @@ class Block(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, rope, cache=None, cache_index=None, deterministic=True):
+  def __call__(self, x, rope, cache=None, cache_index=None, deterministic=True, key_mask=None):
     """x [B, T, D] float32 (the residual stream); rope [T, hd/2, 2] or [B, T, hd/2, 2]. The
     projections compute in `dtype`, the residual adds stay float32 (as torch autocast does), and
-    attention logits accumulate in float32. Without a cache: causal attention over the T positions.
-    With cache (k, v) [B, S, H, hd]: writes this step's keys/values at `cache_index` and attends
-    to positions ≤ cache_index + t. Returns (x, new cache)."""
+    attention logits accumulate in float32. Without a cache: causal attention over the T positions,
+    and with `key_mask` [B, T] bool (False: no query may attend to that key, ST-AR's attention
+    masking; one mask for every head) on top of the causal mask. With cache (k, v) [B, S, H, hd]:
+    writes this step's keys/values at `cache_index` and attends to positions ≤ cache_index + t.
+    Returns (x, new cache)."""
     b, t, _ = x.shape
     hd = self.width // self.num_heads
     h = RMSNorm(name="attention_norm")(x)
@@ -123,6 +130,8 @@ class Block(nn.Module):
     if cache is None:
       keys, values = k, v
       allowed = jnp.tril(jnp.ones((t, t), bool))[None, None]
+      if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :]
     else:
       ck, cv = cache
       keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
@@ -215,21 +224,46 @@ class GPT(nn.Module):
       raster = False
     if self.random_order:
       x = x + self.target_embed(order)
-    x, _ = self._run_layers(x, rope, None, None, deterministic)
+    x, _, _ = self._run_layers(x, rope, None, None, deterministic)
     z = self.norm(x)
     if raster:
       return z
     return jnp.take_along_axis(z, jnp.argsort(order, axis=1)[..., None], axis=1)
 
-  def _run_layers(self, x, rope, cache, cache_index, deterministic):
-    """All blocks: x [B, T, D] -> (x, new cache or None); `cache` as `init_cache` makes it."""
+  def _run_layers(self, x, rope, cache, cache_index, deterministic, key_mask=None, capture=0):
+    """All blocks: x [B, T, D] -> (x, new cache or None, x after block `capture` or None).
+    `cache` as `init_cache` makes it; `key_mask` [B, T] (every block) or [depth, B, T] (one per
+    block) bool, see `Block`; `capture` is 1-based (0: nothing captured)."""
     if self.scan_layers:
-      return self.layers(x, rope, cache, cache_index, deterministic)
-    new_cache = []
+      if key_mask is not None or capture:
+        raise ValueError("attention key masks and intermediate features need the unscanned "
+                         "blocks: set scan_layers=False")
+      x, cache = self.layers(x, rope, cache, cache_index, deterministic)
+      return x, cache, None
+    new_cache, captured = [], None
     for i, layer in enumerate(self.layers):
-      x, c = layer(x, rope, None if cache is None else cache[i], cache_index, deterministic)
+      mask = key_mask[i] if key_mask is not None and key_mask.ndim == 3 else key_mask
+      x, c = layer(x, rope, None if cache is None else cache[i], cache_index, deterministic, mask)
       new_cache.append(c)
-    return x, None if cache is None else new_cache
+      if i + 1 == capture:
+        captured = x
+    return x, None if cache is None else new_cache, captured
+
+  def hidden_states(self, codes, labels, deterministic: bool = True, key_mask=None, capture: int = 0):
+    """Raster teacher forcing with the states ST-AR reads: codes [B, L] (or continuous [B, L, C]),
+    labels [B], key_mask None | [B, L] | [depth, B, L] bool over the input slots [class, x_1 …
+    x_{L−1}] (True: may be attended to) -> {"last": [B, L, D] the last block's output (before the
+    final RMSNorm), "z": the conditions norm(last) that `logits` reads, "mid": the output of block
+    `capture` (1-based), present when capture > 0}."""
+    if not 0 <= capture <= self.depth:
+      raise ValueError(f"capture={capture}: blocks are numbered 1..{self.depth}")
+    x = self.embed(codes[:, :-1], labels, deterministic)
+    last, _, mid = self._run_layers(x, self.rope[: x.shape[1]], None, None, deterministic,
+                                    key_mask, capture)
+    out = {"last": last, "z": self.norm(last)}
+    if capture:
+      out["mid"] = mid
+    return out
 
   def rope_rows(self, positions):
     """RoPE rows [.., hd/2, 2] of the tokens at grid `positions` (−1: the class token's zero row)."""
@@ -269,7 +303,7 @@ class GPT(nn.Module):
     `rope` [B, T, hd/2, 2] gives each image's rows (random order); None: raster rows."""
     if rope is None:
       rope = jax.lax.dynamic_slice_in_dim(self.rope, index, x_emb.shape[1], axis=0)
-    x_emb, new_cache = self._run_layers(x_emb, rope, cache, index, True)
+    x_emb, new_cache, _ = self._run_layers(x_emb, rope, cache, index, True)
     return self.norm(x_emb), new_cache
 
   # The residual stream is float32 whatever the compute dtype (LlamaGen under bf16 autocast: the

@@ -154,7 +154,8 @@ def batch_shapes(config: ml_collections.ConfigDict, batch_keys, batch_size: int)
     shapes["moments"] = ((b, side, side, 2 * ae.embed_dim), np.float32)
   if "codes" in batch_keys:
     side, _, _ = llamagen.code_geometry(config)
-    shapes["codes"] = ((b, side, side), np.int32)
+    views = int(config.data.views)
+    shapes["codes"] = ((b, side, side) if views == 1 else (b, views, side, side), np.int32)
   missing = [k for k in batch_keys if k not in shapes]
   if missing:
     raise ValueError(f"the shapes of batch keys {missing} are not known here (modes/bench.py)")

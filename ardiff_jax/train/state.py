@@ -34,9 +34,12 @@ class TrainState:
 def create_state(rng: jax.Array, method: Method, tx: optax.GradientTransformation) -> TrainState:
   """An unboxed state at step 0. Used under eval_shape and under jit with out_shardings."""
   params = nn.meta.unbox(method.init_params(jax.random.fold_in(rng, 0)))
+  extras = method.init_extras(jax.random.fold_in(rng, 1))
+  if method.extras_from_params is not None:
+    extras = {**extras, **jax.tree.map(jnp.copy, method.extras_from_params(params))}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-                    extras=method.init_extras(jax.random.fold_in(rng, 1)),
+                    extras=extras,
                     num_nonfinite=jnp.zeros((), jnp.int32))
 
 
@@ -51,7 +54,10 @@ def state_shardings(method: Method, tx: optax.GradientTransformation, mesh: Mesh
   shardings = TrainState(
       step=replicated, params=p_shard, ema_params=p_shard,
       opt_state=shd.follow_param_shardings(abstract.opt_state, abstract.params, p_shard, mesh),
-      extras=jax.tree.map(lambda _: replicated, abstract.extras), num_nonfinite=replicated)
+      # Extras that mirror parameters (an EMA teacher) follow their shardings; the rest (queues,
+      # counters) are replicated.
+      extras=shd.follow_param_shardings(abstract.extras, abstract.params, p_shard, mesh),
+      num_nonfinite=replicated)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return abstract, shardings

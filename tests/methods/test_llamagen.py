@@ -1,6 +1,7 @@
 """LlamaGen over VQ codes: top-k / top-p against NumPy, the sampler against greedy decoding of the
 full causal forward (with and without CFG), the loss through the engine, the code cache, and the
 mismatches a user can make between tokenizer runs and generators."""
+import json
 import os
 
 import flax.linen as nn
@@ -198,6 +199,34 @@ def test_llamagen_trains_and_samples_on_the_vq_run(vq_run, tmp_path):
   with np.load(os.path.join(str(tmp_path), "samples", "samples_3.npz")) as f:
     assert f["images"].shape == (20, 16, 16, 3) and f["images"].dtype == np.uint8
   assert summary["cfg_scale"] == 2.0
+  _probe_writes_its_json(config, str(tmp_path))
+
+
+def _probe_writes_its_json(config, workdir):
+  """`--mode probe` on a finished run: one top-1 per position, from the middle block."""
+  config.probe.update(epochs=2, warmup_epochs=1, batch_size=32, max_train=64, num_positions=4)
+  out = main_lib.run(config, workdir, "probe")
+  with open(os.path.join(workdir, "probe", "3.json")) as f:
+    assert json.load(f)["top1"] == out["top1"]
+  assert len(out["top1"]) == 4 and all(0.0 <= a <= 1.0 for a in out["top1"])
+  assert out["layer"] == 1 and out["positions"] == [15, 31, 47, 63]
+
+
+def test_st_ar_trains_on_two_views_and_its_student_samples_with_llamagens_sampler(vq_run, tmp_path):
+  _, vq_dir, _ = vq_run
+  config = load_config("llamagen_digits", f"tiny,vq={vq_dir},st_ar=True")
+  main_lib.run(config, str(tmp_path), "train")
+  _probe_writes_its_json(config, str(tmp_path))
+  from ardiff_jax.methods import get_method  # pylint: disable=g-import-not-at-top
+  from ardiff_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  exp, params, _ = checkpoint.restore_sampling_params(config, str(tmp_path))
+  assert set(params) == {"gpt", "projector"}
+  plain = load_config("llamagen_digits", f"tiny,vq={vq_dir}")
+  frozen = checkpoint.load_frozen(exp.method)
+  labels = {"label": jnp.arange(4, dtype=jnp.int32)}
+  np.testing.assert_array_equal(
+      exp.method.generate(params, frozen, labels, jax.random.key(0)),
+      get_method(plain).generate(params["gpt"], frozen, labels, jax.random.key(0)))
 
 
 def test_a_kl_cache_given_to_llamagen_is_refused_before_anything_is_written(tmp_path):
