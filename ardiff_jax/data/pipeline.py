@@ -131,11 +131,12 @@ def _decode_image(index: int, record: dict[str, Any], *, image_size: int,
 
 
 def _select_view(index: int, record: dict[str, Any], *, flip_seed: int | None,
-                 views: int = 1) -> dict[str, Any]:
+                 views: int = 1, view_seed: int | None = None) -> dict[str, Any]:
   """Cached record -> {"moments": f32 [h, w, 2C] | "codes": int [h, w], "label"}: in training one
   of its views at random (the mirror image with p = 0.5; one of V codes views uniformly), else
   the first (the image itself). With `views` = k > 1 (codes only; ST-AR's two views) "codes" is
-  [k, h, w]: k distinct views drawn uniformly without replacement in training, else the first k."""
+  [k, h, w]: k distinct views drawn uniformly without replacement under `view_seed` (training,
+  with or without random flips), else the first k."""
   if "moments" in record:
     use_flip = flip_seed is not None and flip_coin(flip_seed, index)
     return {"moments": record["moments_flip" if use_flip else "moments"], "label": record["label"]}
@@ -145,8 +146,8 @@ def _select_view(index: int, record: dict[str, Any], *, flip_seed: int | None,
       raise ValueError(f"data.views={views} distinct views per example, but the cache holds "
                        f"{available} per image: cache with cache.ten_crop=True (10 views) or "
                        f"lower data.views")
-    chosen = (np.arange(views) if flip_seed is None else
-              np.random.default_rng([_FLIP_SALT, flip_seed % 2**32, index]).choice(
+    chosen = (np.arange(views) if view_seed is None else
+              np.random.default_rng([_FLIP_SALT, view_seed % 2**32, index]).choice(
                   available, views, replace=False))
     return {"codes": record["codes"][chosen], "label": record["label"]}
   if flip_seed is None or available == 1:
@@ -297,7 +298,8 @@ def _global_map_dataset(data_cfg, source, *, seed: int, train: bool) -> grain.Ma
     views = int(data_cfg.get("views", 1))
     if views < 1:
       raise ValueError(f"data.views={views} must be ≥ 1 (views of each cached example per item)")
-    decode = functools.partial(_select_view, flip_seed=flip_seed, views=views)
+    decode = functools.partial(_select_view, flip_seed=flip_seed, views=views,
+                               view_seed=seed if train else None)
   else:
     decode = functools.partial(_decode_image, image_size=data_cfg.image_size, flip_seed=flip_seed)
   return ds.map_with_index(functools.partial(_decode_with_id, decode=decode))

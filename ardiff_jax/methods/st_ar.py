@@ -16,7 +16,8 @@ Attention masking (§3.3.1): for each sequence a fraction r = 0.25 of the image-
 gets −inf on the attention logits on top of the causal mask, student only. The class slot is
 never masked, so no query row is ever empty.
 Contrastive features (§3.3.2): the output of the middle block (6 of 12 for GPT-B) at K = 4
-positions per image drawn without replacement and shared by both views; the student's go through a
+positions per image drawn without replacement from 1..L−1 and shared by both views (position 0
+reads only the class token, so its state is the same for every image of a class: never drawn); the student's go through a
 projector f (SimSiam's MLP: Linear-BN-ReLU, Linear-BN-ReLU, Linear-BN without affine; output width
 = model width) trained with the model and dropped at sampling. Anchors and keys are l2-normalised;
 τ = 0.2 (MoCo v3, which the paper cites; the paper gives none). Negatives are the teacher features of
@@ -34,6 +35,8 @@ Choices where the paper is silent, each a config field (`st_ar` section):
   teacher_decay 0.9999; the teacher is updated inside the loss from the weights the step starts
     from, so after n steps it is the EMA of θ_0 … θ_{n−1} (one update behind an EMA of the
     post-update weights), and it starts equal to the student (`Method.extras_from_params`).
+  With `train.grad_accum_steps` > 1 the negatives and the projector's BatchNorm statistics come
+    from each micro-batch, not the whole batch.
   use_mim / use_step / use_view: the loss ablation (Table 3); use_mim=False also drops the mask,
     so with all three off the step is LlamaGen's on two views.
 """
@@ -163,9 +166,9 @@ def check_settings(s: ml_collections.ConfigDict, depth: int, seq_len: int) -> in
     raise ValueError(f"st_ar.mim_features={s.mim_features!r}: expected one of {MIM_FEATURES}")
   if not 0.0 <= s.mask_ratio < 1.0:
     raise ValueError(f"st_ar.mask_ratio={s.mask_ratio} must be in [0, 1)")
-  if not 2 <= s.num_positions <= seq_len:
-    raise ValueError(f"st_ar.num_positions={s.num_positions} must be in [2, {seq_len}] "
-                     f"(positions per image of the {seq_len}-token sequences)")
+  if not 2 <= s.num_positions <= seq_len - 1:
+    raise ValueError(f"st_ar.num_positions={s.num_positions} must be in [2, {seq_len - 1}] "
+                     f"(image-token positions 1..{seq_len - 1} of the {seq_len}-token sequences)")
   if s.temperature <= 0:
     raise ValueError(f"st_ar.temperature={s.temperature} must be > 0")
   if not 0.0 <= s.teacher_decay <= 1.0:
@@ -186,9 +189,10 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   if model.scan_layers:
     raise ValueError("method=st_ar reads intermediate blocks and masks attention per block: set "
                      "llamagen.scan_layers=False")
-  if config.train.batch_size < 2:
-    raise ValueError("method=st_ar's contrastive negatives are the batch's other images: "
-                     f"train.batch_size={config.train.batch_size} must be ≥ 2")
+  micro = config.train.batch_size // max(int(config.train.grad_accum_steps), 1)
+  if micro < 2:
+    raise ValueError("method=st_ar's contrastive negatives are the other images of the (micro-)"
+                     f"batch: train.batch_size / train.grad_accum_steps = {micro} must be ≥ 2")
   views = int(config.data.views)
   if views != 2:
     raise ValueError(f"method=st_ar trains on two views per image: set data.views=2 (got {views})")
@@ -234,8 +238,9 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
       loss += s.mim_weight * l_mim
       metrics["loss_mim"] = l_mim
     if contrastive:
-      pick = jax.vmap(lambda r: jax.random.choice(r, seq_len, (s.num_positions,), replace=False))
-      idx = pick(jax.random.split(r_pos, b))                          # [B, K]
+      pick = jax.vmap(lambda r: 1 + jax.random.choice(r, seq_len - 1, (s.num_positions,),
+                                                      replace=False))
+      idx = pick(jax.random.split(r_pos, b))                          # [B, K] in 1..L−1
       gather = lambda h: jnp.take_along_axis(h.reshape(b, m, seq_len, -1),
                                              idx[:, None, :, None], axis=2)   # [B, M, K, D]
       mid_s, mid_t = gather(student["mid"]), gather(teacher["mid"])
