@@ -129,9 +129,14 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, batch_s
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=cfg.warmup_epochs * steps_per_epoch,
       decay_steps=cfg.epochs * steps_per_epoch, end_value=0.0)
-  tx = optax.lars(schedule, weight_decay=cfg.weight_decay, weight_decay_mask=_is_matrix,
-                  trust_coefficient=cfg.trust_coefficient, trust_ratio_mask=_is_matrix,
-                  momentum=cfg.momentum)
+  # MAE's LARS order: weight decay and the trust ratio (matrices only), momentum on that step, the
+  # lr last (optax.lars scales by the lr before its momentum, which differs while the lr moves).
+  tx = optax.chain(
+      optax.add_decayed_weights(cfg.weight_decay, mask=_is_matrix),
+      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=cfg.trust_coefficient, eps=0.0),
+                   _is_matrix),
+      optax.trace(decay=cfg.momentum),
+      optax.scale_by_learning_rate(schedule))
   return tx, schedule
 
 

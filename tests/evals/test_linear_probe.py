@@ -2,6 +2,8 @@
 against an independent float64 NumPy computation."""
 import functools
 
+import jax
+
 import ml_collections
 import numpy as np
 import pytest
@@ -94,3 +96,29 @@ def test_positions_closed_form_and_range():
   np.testing.assert_array_equal(lp.positions(16, 16), np.arange(16))
   with pytest.raises(ValueError, match=r"probe.num_positions=17 must be in \[1, 16\]"):
     lp.positions(16, 17)
+
+
+def test_lars_steps_match_maes_lars_in_float64():
+  """MAE's util/lars.py, step by step while the lr warms up: decay and trust ratio on matrices,
+  momentum on that step, then −lr."""
+  cfg = configlib.probe_config()
+  cfg.epochs, cfg.warmup_epochs, cfg.weight_decay = 4, 2, 0.05
+  tx, schedule = lp.make_optimizer(cfg, steps_per_epoch=2, batch_size=512)
+  rng = np.random.default_rng(1)
+  params = {"w": rng.normal(size=(5, 3)), "b": rng.normal(size=3)}
+  state = tx.init(jax.tree.map(np.float32, params))
+  got, want, mu = dict(params), dict(params), {k: np.zeros_like(v) for k, v in params.items()}
+  for step in range(5):
+    grads = {"w": rng.normal(size=(5, 3)), "b": rng.normal(size=3)}
+    updates, state = tx.update(jax.tree.map(np.float32, grads), state,
+                               jax.tree.map(np.float32, got))
+    got = {k: np.asarray(got[k], np.float32) + np.asarray(updates[k]) for k in got}
+    for k, p in want.items():
+      dp = grads[k]
+      if p.ndim > 1:
+        dp = dp + cfg.weight_decay * p
+        dp = dp * cfg.trust_coefficient * np.linalg.norm(p) / np.linalg.norm(dp)
+      mu[k] = cfg.momentum * mu[k] + dp
+      want[k] = p - float(schedule(step)) * mu[k]
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
