@@ -22,6 +22,7 @@ from ardiff_jax.methods import Method, frozen_run_loader
 from ardiff_jax.methods import reconstruction as rec_lib
 from ardiff_jax.methods import vq_tokenizer
 from ardiff_jax.models import gpt as gpt_lib
+from ardiff_jax.models import layers
 from ardiff_jax.sampling.llamagen import sample_codes
 
 
@@ -132,7 +133,11 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     """codes [B, L] -> [B, L, D]: block `layer`'s output (0: half the depth, ST-AR's layer 6 of
     12), teacher-forced with the null class, so no label reaches the features (ST-AR §3.2)."""
     labels = jnp.full(codes.shape[:1], null, jnp.int32)
-    states = model.apply({"params": params}, codes, labels, capture=layer or gpt_lib.middle_block(model.depth),
+    trunk = model
+    if model.scan_layers:   # a scanned checkpoint is read block by block
+      trunk, params = model.clone(scan_layers=False), layers.unstack_layers(params, "layers")
+    states = trunk.apply({"params": params}, codes, labels,
+                         capture=layer or gpt_lib.middle_block(model.depth),
                          method=gpt_lib.GPT.hidden_states)
     return states["mid"]
 

@@ -35,6 +35,8 @@ Choices where the paper is silent, each a config field (`st_ar` section):
   teacher_decay 0.9999; the teacher is updated inside the loss from the weights the step starts
     from, so after n steps it is the EMA of θ_0 … θ_{n−1} (one update behind an EMA of the
     post-update weights), and it starts equal to the student (`Method.extras_from_params`).
+  The engine's own EMA of all parameters (`train.ema_decay`, read when `sample.use_ema`) is kept
+    as for LlamaGen, apart from the teacher: one more copy of the weights in memory.
   With `train.grad_accum_steps` > 1 the negatives and the projector's BatchNorm statistics come
     from each micro-batch, not the whole batch.
   use_mim / use_step / use_view: the loss ablation (Table 3); use_mim=False also drops the mask,

@@ -255,3 +255,19 @@ def test_codes_out_of_range_are_refused_before_training(tmp_path):
   config = load_config("llamagen_digits", f"tiny,vq={tmp_path}")
   with pytest.raises(ValueError, match=r"cached codes span \[70, 70\] but the VQ tokenizer has 64"):
     main_lib.run(config, str(tmp_path / "run"), "train")
+
+
+def test_probe_features_read_a_scanned_checkpoint_block_by_block():
+  from ardiff_jax.methods import get_method  # pylint: disable=g-import-not-at-top
+  from ardiff_jax.models import layers  # pylint: disable=g-import-not-at-top
+  config = load_config("llamagen_digits", "tiny")
+  config.llamagen.overrides = {"depth": 2}
+  config.llamagen.scan_layers = True
+  scanned = get_method(config)
+  params = nn.meta.unbox(scanned.init_params(jax.random.key(0)))
+  config.llamagen.scan_layers = False
+  looped = get_method(config)
+  codes = jnp.arange(2 * 64).reshape(2, 64) % 64
+  np.testing.assert_allclose(scanned.probe_features(params, codes, 0),
+                             looped.probe_features(layers.unstack_layers(params, "layers"), codes, 0),
+                             rtol=1e-6, atol=1e-6)

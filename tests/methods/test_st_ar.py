@@ -168,3 +168,44 @@ def test_settings_st_ar_cannot_run_are_refused_with_the_fix(field, value, messag
   config[section][name] = value
   with pytest.raises(ValueError, match=message):
     build_experiment(config)
+
+
+def test_the_sharded_loss_gathers_negatives_across_eight_devices():
+  """The whole loss on a 1-device mesh and on 8 devices holding 2 images each."""
+  config = load_config("llamagen_digits", "tiny,st_ar=True")
+  batch = _two_view_batch(config)
+  out = []
+  for devices in (jax.devices()[:1], jax.devices()[:8]):
+    exp = build_experiment(config, devices=devices)
+    state = init_state(0, exp.method, exp.tx, exp.shardings)
+    loss = jax.jit(lambda p, b, e: exp.method.loss_fn(p, b, jax.random.key(5), 0, e)[:2])
+    out.append(jax.device_get(loss(state.params, shd.global_batch(batch, exp.mesh), state.extras)))
+  (one, m1), (eight, m8) = out
+  np.testing.assert_allclose(eight, one, rtol=1e-5)
+  for key in ("loss_ar", "loss_mim", "loss_step", "loss_view"):
+    np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, err_msg=key)
+
+
+def test_only_the_student_is_masked_and_one_mask_serves_every_block():
+  config = load_config("llamagen_digits", "tiny,st_ar=True")
+  config.llamagen.overrides = {"dropout": 0.0}
+  mim = {}
+  for ratio in (0.0, 0.25):   # at step 0 the teacher is the student: only the mask can part them
+    config.st_ar.mask_ratio = ratio
+    exp = build_experiment(config)
+    state = init_state(0, exp.method, exp.tx, exp.shardings)
+    batch = shd.global_batch(_two_view_batch(config), exp.mesh)
+    mim[ratio] = float(exp.method.loss_fn(state.params, batch, jax.random.key(5), 0,
+                                          state.extras)[1]["loss_mim"])
+  assert abs(mim[0.0]) < 1e-6 and mim[0.25] > 1e-3
+  model = gpt.make_gpt("gpt_tiny", token_dim=0, seq_len=T, num_classes=10, vocab_size=32,
+                       depth=2, dropout=0.0)
+  codes, labels = jnp.arange(2 * T).reshape(2, T) % 32, jnp.array([1, 10])
+  params = model.init(jax.random.key(0), method=gpt.GPT.init_all)
+  mask = st_ar.sample_key_mask(jax.random.key(1), (2,), T, 0.25)
+  states = lambda m: model.apply(params, codes, labels, key_mask=m, capture=1,
+                                 method=gpt.GPT.hidden_states)
+  shared, per_block = states(mask), states(jnp.stack([mask, mask]))
+  for key in ("mid", "last"):
+    np.testing.assert_array_equal(shared[key], per_block[key])
+  assert np.abs(np.asarray(states(None)["last"] - shared["last"])).max() > 1e-4
