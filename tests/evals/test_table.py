@@ -30,7 +30,7 @@ def test_rows_are_the_mean_and_sample_std_of_the_newest_evaluations(tmp_path):
   fd = np.array([1.0, 2.0, 4.0])
   assert got[:3] == ["MAR", "3", f"{fd.mean():.2f} ± {fd.std(ddof=1):.2f}"]
   assert got[3] == "80.0 ± 10.0" and got[4] == "0.500 ± 0.000 / 0.250 ± 0.000"
-  assert got[6] == "12.00 ± 2.00" and got[7] == "2/3 (0.80 ± 0.00)"
+  assert got[6] == "12.00 ± 2.00" and got[7] == "2/3 (0.80 ± 0.00)" and got[8] == "–"
   assert table.row("one", dirs[:1])[2] == "1.00"
   text = table.table(table.parse_groups([f"MAR, probe={','.join(dirs)}"]))
   assert text.splitlines()[2].startswith("| MAR, probe | 3 | 2.33 ± 1.53 |")
@@ -41,3 +41,19 @@ def test_bad_arguments_and_unevaluated_runs_say_what_to_do(tmp_path):
     table.parse_groups(["no-label"])
   with pytest.raises(ValueError, match="run --mode eval"):
     table.row("x", [str(tmp_path)])
+
+
+def test_probe_columns_average_each_position_over_seeds(tmp_path):
+  dirs = []
+  for i, top1 in enumerate([[0.1, 0.3], [0.2, 0.5]]):
+    d = _run(tmp_path, f"s{i}", 1.0, 0.5, 10.0, True)
+    os.makedirs(os.path.join(d, "probe"))
+    for step, scale in ((1000, 1.0), (10, 0.0)):        # the older probe is not read
+      with open(os.path.join(d, "probe", f"{step}.json"), "w") as f:
+        json.dump({"positions": [31, 63], "top1": [scale * t for t in top1],
+                   "best_top1": scale * max(top1)}, f)
+    dirs.append(d)
+  assert table.row("x", dirs)[8] == f"40.0 ± {np.std([30, 50], ddof=1):.1f}"
+  lines = table.probe_table({"ST-AR": dirs}).splitlines()
+  assert lines[0] == "| run | seeds | position 31 | position 63 |"
+  assert lines[2] == f"| ST-AR | 2 | 15.0 ± 7.1 | 40.0 ± {np.std([30, 50], ddof=1):.1f} |"
