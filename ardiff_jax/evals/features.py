@@ -43,8 +43,8 @@ _DATA_KEYS = ("source", "path", "tfds_name", "train_split", "eval_split", "image
 def cache_key(data_cfg: ml_collections.ConfigDict, f: ml_collections.ConfigDict) -> str:
   """`<source>-<size>px-<hash>`: the hash covers every data and classifier setting that matters."""
   data = {k: data_cfg.get(k) for k in _DATA_KEYS}
-  if data["path"]:
-    data["path"] = os.path.abspath(data["path"])
+  if data["path"]:   # the folder itself, however it is reached (a relative path, a symlink)
+    data["path"] = os.path.realpath(data["path"])
   settings = {k: v for k, v in f.to_dict().items() if k != "dir"}
   blob = json.dumps({"data": data, "classifier": settings}, sort_keys=True, default=list)
   name = os.path.basename(os.path.normpath(data_cfg.path)) if data_cfg.path else data_cfg.source

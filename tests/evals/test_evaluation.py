@@ -191,3 +191,16 @@ def test_eval_labels_interleave_the_classes():
   assert np.bincount(labels).tolist() == [101, 101, 101] + [100] * 7
   assert all(sorted(labels[i:i + 10]) == list(range(10)) for i in range(0, 1000, 10))
   assert balanced_labels(6, 3).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_a_feature_net_is_keyed_by_its_folder_however_the_path_reaches_it(tmp_path):
+  from ardiff_jax import configlib  # pylint: disable=g-import-not-at-top
+  (tmp_path / "cifar10").mkdir()
+  os.symlink(tmp_path / "cifar10", tmp_path / "link")
+  data = configlib.base_config().data
+  data.source, net = "folder", configlib.base_config().eval.feature_net
+  keys = set()
+  for path in (tmp_path / "cifar10", tmp_path / "link", tmp_path / "cifar10" / ".." / "cifar10"):
+    data.path = str(path)
+    keys.add(features.cache_key(data, net).split("-")[-1])
+  assert len(keys) == 1
