@@ -56,7 +56,8 @@ def balanced_labels(num_samples: int, num_classes: int, interleave: bool = False
   return np.repeat(np.arange(num_classes), per_class)[:num_samples].astype(np.int32)
 
 
-def _pad_batch(batch: dict, size: int) -> dict:
+def pad_batch(batch: dict, size: int) -> dict:
+  """Arrays [n, ...] -> [size, ...], the last row repeated: one compiled shape for a short batch."""
   n = len(next(iter(batch.values())))
   if n == size:
     return batch
@@ -86,7 +87,7 @@ def generate_images(exp, params, inputs: dict, batch_size: int, seed: int, froze
   for i, start in enumerate(tqdm(range(0, n, batch_size), desc="generate", unit="batch")):
     chunk = {k: v[start:start + batch_size] for k, v in inputs.items()}
     m = len(next(iter(chunk.values())))
-    batch = shd.global_batch(_pad_batch(chunk, batch_size), exp.mesh)
+    batch = shd.global_batch(pad_batch(chunk, batch_size), exp.mesh)
     out.append(np.asarray(jax.device_get(gen(params, frozen, batch, jax.random.fold_in(rng, i))))[:m])
   return np.concatenate(out)
 

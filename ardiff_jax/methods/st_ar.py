@@ -90,16 +90,14 @@ def sample_key_mask(rng: jax.Array, shape: tuple[int, ...], seq_len: int, ratio:
   return jnp.concatenate([jnp.ones(shape + (1,), bool), keep], axis=-1)
 
 
-def cosine_distance(a: jax.Array, b: jax.Array) -> jax.Array:
-  """1 − cos(a, b) over the last axis, float32 [...]."""
-  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-  dot = jnp.sum(a * b, -1)
-  return 1.0 - dot * jax.lax.rsqrt(jnp.sum(a * a, -1) * jnp.sum(b * b, -1) + 1e-12)
-
-
 def _l2_normalize(x: jax.Array) -> jax.Array:
   x = x.astype(jnp.float32)
   return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
+
+
+def cosine_distance(a: jax.Array, b: jax.Array) -> jax.Array:
+  """1 − cos(a, b) over the last axis, float32 [...]."""
+  return 1.0 - jnp.sum(_l2_normalize(a) * _l2_normalize(b), -1)
 
 
 def contrastive_losses(anchors: jax.Array, keys: jax.Array, temperature: float

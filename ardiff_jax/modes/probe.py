@@ -29,7 +29,7 @@ from absl import logging
 from tqdm import tqdm
 
 from ardiff_jax.data import pipeline
-from ardiff_jax.evals import linear_probe
+from ardiff_jax.evals import evaluator, linear_probe
 from ardiff_jax.models import gpt
 from ardiff_jax.parallel import sharding as shd
 from ardiff_jax.train import checkpoint
@@ -123,8 +123,8 @@ class _Extractor:
       for batch in ds:   # the training stream repeats forever: stop at num_rows
         codes = self._codes(batch, split)[: num_rows - n]
         m = len(codes)
-        padded = np.pad(codes, ((0, self.batch_size - m), (0, 0)))
-        sharded = shd.global_batch({"codes": padded}, self.exp.mesh)["codes"]
+        padded = evaluator.pad_batch({"codes": codes}, self.batch_size)
+        sharded = shd.global_batch(padded, self.exp.mesh)["codes"]
         out = np.asarray(jax.device_get(
             self._features(self.params, sharded, self.positions, layer=self.layer)))
         if feats is None:
@@ -154,13 +154,8 @@ class _Extractor:
 
 
 def _layer_used(method, layer: int) -> int:
-  """The block the method probes: `layer`, or for 0 its default, `gpt.middle_block(depth)` (half
-  the depth; 0 where the model does not name its depth)."""
-  if layer:
-    return layer
-  model = method.model[0] if isinstance(method.model, (tuple, list)) else method.model
-  depth = getattr(model, "depth", None)
-  return gpt.middle_block(depth) if isinstance(depth, int) else 0
+  """The block the method probes: `layer`, or for 0 its default, the middle block."""
+  return layer or gpt.middle_block(method.model.depth)
 
 
 def _summary(config, exp, pcfg, step, positions, fit, num_train, num_test) -> dict:
