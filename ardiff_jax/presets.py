@@ -35,6 +35,15 @@ def use_digits_tokenizer_run(c: ml_collections.ConfigDict, *, steps: int, batch:
   c.sample.num_samples = c.sample.batch_size = 64
 
 
+def use_tiny_vq_tokenizer_run(c: ml_collections.ConfigDict) -> None:
+  """A seconds-long smoke run of a digits VQ tokenizer, for the tests: 4 steps at batch 16 on
+  16 px images, a codebook-usage window of 256 (configs set their own tiny model)."""
+  c.train.num_steps, c.train.batch_size, c.train.log_every, c.train.ckpt_every = 4, 16, 2, 2
+  c.sample.num_samples = c.sample.batch_size = 16
+  c.data.image_size = 16
+  c.tokenizer.usage_window = 256
+
+
 def use_cifar10_tokenizer_run(c: ml_collections.ConfigDict, *, steps: int, batch: int, path: str,
                               disc: bool, warmup: int) -> None:
   """A tokenizer (KL or VQ) trained on the CIFAR-10 image folder at `path` (32 px, flips): lr 4e-4

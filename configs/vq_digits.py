@@ -11,7 +11,7 @@ seconds-long smoke run on a 16 px, two-level model, used by tests).
 """
 from ardiff_jax import configlib
 from ardiff_jax.methods.vq_tokenizer import tokenizer_base_config
-from ardiff_jax.presets import use_digits_tokenizer_run
+from ardiff_jax.presets import use_digits_tokenizer_run, use_tiny_vq_tokenizer_run
 
 
 def get_config(arg=None):
@@ -26,10 +26,7 @@ def get_config(arg=None):
 
   use_digits_tokenizer_run(c, steps=a.steps, batch=a.batch, size=a.size)
   if a.tiny:
-    c.train.num_steps, c.train.batch_size, c.train.log_every, c.train.ckpt_every = 4, 16, 2, 2
-    c.sample.num_samples = c.sample.batch_size = 16
-    c.data.image_size = 16
-    c.tokenizer.usage_window = 256
+    use_tiny_vq_tokenizer_run(c)
     c.tokenizer.overrides = dict(ch=16, ch_mult=(1, 2), attn_resolutions=(), resolution=16,
                                  codebook_size=64, z_channels=16)
   return c

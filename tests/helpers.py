@@ -19,3 +19,19 @@ def perturb_head_outputs(params, scale: float = 0.05):
   return jax.tree_util.tree_map_with_path(
       lambda p, x: x + scale * jax.random.normal(jax.random.key(len(str(p))), x.shape)
       if "final_linear" in str(p) or "adaLN" in str(p) else x, params)
+
+
+def cache_test_split(config, workdir: str, cache_dir: str, batch_size: int = 8):
+  """`--mode cache` of the test split of the run in `workdir` into `cache_dir`; returns
+  (the number of records written, the first batch the `cached` source reads back)."""
+  from ardiff_jax import main  # pylint: disable=g-import-not-at-top
+  from ardiff_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.cache.dir = cache_dir
+  config.cache.splits = ("test",)
+  counts = main.run(config, workdir, "cache")
+  assert counts["test"] == pipeline.num_examples(config.data, "test")
+  cached = config.data.copy_and_resolve_references()
+  cached.source, cached.path = "cached", cache_dir
+  return counts, next(iter(pipeline.make_dataset(cached, split="test", seed=0,
+                                                 batch_size=batch_size, train=False)))

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from ardiff_jax import main
-from ardiff_jax.data import pipeline
 from ardiff_jax.train.checkpoint import CheckpointError
-from tests.helpers import REPO, load_config
+from tests.helpers import REPO, cache_test_split, load_config
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +55,7 @@ def test_sample_writes_grid_and_npz(trained):
 
 def test_cache_writes_records_the_cached_source_reads(trained, tmp_path):
   config, workdir = trained
-  config = config.copy_and_resolve_references()
-  config.cache.dir = str(tmp_path / "cache")
-  config.cache.splits = ("test",)
-  counts = main.run(config, workdir, "cache")
-  assert counts["test"] == pipeline.num_examples(config.data, "test")
-  cached = config.data.copy_and_resolve_references()
-  cached.source, cached.path = "cached", config.cache.dir
-  batch = next(iter(pipeline.make_dataset(cached, split="test", seed=0, batch_size=8, train=False)))
+  _, batch = cache_test_split(config, workdir, str(tmp_path / "cache"))
   assert batch["moments"].shape == (8, 8, 8, 8)  # 16 px / stride 2, 2×embed_dim channels
   assert np.isfinite(batch["moments"]).all()
 

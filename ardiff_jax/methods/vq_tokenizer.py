@@ -14,6 +14,14 @@ vgg16-397923af.pth; `tokenizer.lpips_lin`: LPIPS's vgg.pth; `tokenizers/lpips.py
 perceptual weight is 0 and the log says so once (`reconstruction.perceptual_loss`).
 Codebook usage (the share of the K codes among the last `usage_window` indices) is kept in the
 train state's extras and logged as `codebook_usage`.
+
+A Paella preset (`tokenizer.preset` in `tokenizers/paella_vq.PRESETS`) trains Paella's f = 4 VQGAN
+with the same losses; f is then its batch-normalised latent, searched without l2 normalisation.
+Its BatchNorm runs on batch statistics inside `loss_fn`, whose running averages are method-owned
+state (`extras["vq_batch_stats"]`, the `batch_stats` collection). `sampling_params` adds them to
+the weights, so `encode` (what `--mode cache` stores), `reconstruct`, sample and eval use the
+running averages; decoding codes reads `params["vq"]` alone (the decoder has no BatchNorm), which
+is what a generator's frozen tokenizer loads.
 """
 from __future__ import annotations
 
@@ -25,14 +33,29 @@ from ardiff_jax import configlib
 from ardiff_jax.methods import Method
 from ardiff_jax.methods import reconstruction as rec_lib
 from ardiff_jax.tokenizers import losses
+from ardiff_jax.tokenizers import paella_vq
 from ardiff_jax.tokenizers import vq as vq_lib
 
 USAGE_KEY = "code_usage"
+BATCH_STATS_KEY = "vq_batch_stats"   # a Paella encoder's BatchNorm running statistics
 
 
-def build_vq(tcfg: ml_collections.ConfigDict, compute_dtype: str = "float32") -> vq_lib.VQModel:
-  """The VQModel of a `tokenizer` config section (its preset and overrides)."""
-  return vq_lib.make_vq(tcfg.preset, dtype=jnp.dtype(compute_dtype), **configlib.overrides(tcfg))
+def build_vq(tcfg: ml_collections.ConfigDict, compute_dtype: str = "float32"
+             ) -> vq_lib.VQModel | paella_vq.PaellaVQModel:
+  """The VQ model of a `tokenizer` config section (its preset and overrides): LlamaGen's VQModel,
+  or Paella's VQGAN for a Paella preset."""
+  kwargs = dict(dtype=jnp.dtype(compute_dtype), **configlib.overrides(tcfg))
+  if tcfg.preset in paella_vq.PRESETS:
+    return paella_vq.make_paella_vq(tcfg.preset, **kwargs)
+  if tcfg.preset not in vq_lib.PRESETS:
+    raise ValueError(f"unknown VQ preset tokenizer.preset={tcfg.preset!r}; valid presets: "
+                     f"{sorted(vq_lib.PRESETS)} (LlamaGen) and {sorted(paella_vq.PRESETS)} (Paella)")
+  return vq_lib.make_vq(tcfg.preset, **kwargs)
+
+
+def uses_batch_norm(vq) -> bool:
+  """Whether the VQ model's encoder carries BatchNorm statistics (Paella's VQGAN)."""
+  return isinstance(vq, paella_vq.PaellaVQModel)
 
 
 def make_method(config: ml_collections.ConfigDict) -> Method:
@@ -42,6 +65,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
           if tcfg.disc_enabled else None)
   size = config.data.image_size
   perceptual_loss = rec_lib.lazy_perceptual_loss(tcfg, size)
+  batch_norm = uses_batch_norm(vq)
 
   def init_params(rng):
     x = jnp.zeros((1, size, size, 3), jnp.float32)
@@ -52,13 +76,34 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     return params
 
   def init_extras(rng):
-    del rng
-    return {USAGE_KEY: vq_lib.init_usage(tcfg.usage_window)}
+    extras = {USAGE_KEY: vq_lib.init_usage(tcfg.usage_window)}
+    if batch_norm:   # mean 0, variance 1 (not rng-dependent); the smallest image the model takes
+      x = jnp.zeros((1, vq.stride, vq.stride, 3), jnp.float32)
+      extras[BATCH_STATS_KEY] = vq.init(rng, x)["batch_stats"]
+    return extras
+
+  def sampling_params(params, extras):
+    """The weights, plus a Paella encoder's running BatchNorm statistics."""
+    return {**params, BATCH_STATS_KEY: extras[BATCH_STATS_KEY]} if batch_norm else params
+
+  def encoder_variables(params):
+    """What `vq.encode` reads: the weights (and the running statistics of `sampling_params`)."""
+    if not batch_norm:
+      return {"params": params["vq"]}
+    if BATCH_STATS_KEY not in params:
+      raise ValueError(f"Paella's VQ encoder needs its BatchNorm running statistics: pass the "
+                       f"params through Method.sampling_params (they hold {sorted(params)})")
+    return {"params": params["vq"], "batch_stats": params[BATCH_STATS_KEY]}
 
   def loss_fn(params, batch, rng, step, extras):
     del rng
     x = batch["image"].astype(jnp.float32)
-    x_rec, q = vq.apply({"params": params["vq"]}, x)
+    if batch_norm:   # batch statistics; their running averages are carried in extras
+      (x_rec, q), updated = vq.apply({"params": params["vq"], "batch_stats": extras[BATCH_STATS_KEY]},
+                                     x, train=True, mutable=["batch_stats"])
+      extras = {**extras, BATCH_STATS_KEY: updated["batch_stats"]}
+    else:
+      x_rec, q = vq.apply({"params": params["vq"]}, x)
     rec = jnp.mean(jnp.square(x - x_rec))
     codebook, commit = vq_lib.codebook_losses(q["f"], q["z_q"], tcfg.codebook_beta)
     loss = tcfg.rec_weight * rec + codebook + commit
@@ -81,7 +126,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
 
   def encode(params, images):
     """What `--mode cache` stores: codes int32 [B,h,w]."""
-    return vq.apply({"params": params["vq"]}, images, method=vq.encode_codes)
+    return vq.apply(encoder_variables(params), images, method=vq.encode_codes)
 
   def reconstruct(params, x):
     """[B,H,W,3] in [-1, 1] -> decode(codes(x)), clipped to [-1, 1]."""
@@ -91,14 +136,15 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   generate, visualize = rec_lib.reconstruction_views(reconstruct)
   return Method(name="vq_tokenizer", model=vq, init_params=init_params, init_extras=init_extras,
                 loss_fn=loss_fn, batch_keys=("image",), visualize=visualize, generate=generate,
-                generate_from="images", encode=encode, codebook_size=vq.codebook_size)
+                generate_from="images", encode=encode, codebook_size=vq.codebook_size,
+                sampling_params=sampling_params)
 
 
 def tokenizer_config(preset: str = "vq_tiny") -> ml_collections.ConfigDict:
   """Defaults of a VQ `tokenizer` config section (LlamaGen's VQ-16 training unless noted)."""
   t = ml_collections.ConfigDict()
-  t.preset = preset
-  t.overrides = ml_collections.ConfigDict()   # VQModel fields to change in the preset
+  t.preset = preset                           # vq.PRESETS (LlamaGen) or paella_vq.PRESETS
+  t.overrides = ml_collections.ConfigDict()   # model fields to change in the preset
   t.rec_weight = 1.0                           # l2 pixel loss
   t.perceptual_weight = 1.0                    # LPIPS; 0 (logged) while the files below are unset
   t.lpips_vgg16 = ""                           # torchvision's vgg16-397923af.pth (user-supplied)
