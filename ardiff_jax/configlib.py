@@ -142,6 +142,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.num_samples = 1000
   c.eval.source = "model"             # model | real_train
+  c.eval.tag = ""                     # names a variant of the evaluation: eval/<step>_<tag>.json
   c.eval.batch_size = 64              # generation batch (global)
   c.eval.every_steps = 0              # >0: run the evaluation during training every K steps
   c.eval.num_real = 0                 # held-out real images as reference (0: the whole split)

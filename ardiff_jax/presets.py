@@ -254,12 +254,32 @@ def use_digits_codes(c: ml_collections.ConfigDict, section: ml_collections.Confi
   c.tokenizer.overrides = dict(ch=16, resolution=32, codebook_size=1024)
   if f == 8:
     c.tokenizer.overrides.update(ch_mult=(1, 2, 2, 2), attn_resolutions=(4,))
-  _use_cached_tokens(c, section, tokenizer_workdir, eval_source="digits")
-  c.data.random_flip = False               # digits are not mirror-symmetric: the image's own codes
-  c.eval.data.random_flip = False
   if tiny:
     c.tokenizer.overrides = dict(ch=16, ch_mult=(1, 2), attn_resolutions=(), resolution=16,
                                  codebook_size=64, z_channels=16)
+  _use_digits_code_cache(c, section, tokenizer_workdir, tiny)
+
+
+def use_paella_digits_codes(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
+                            tokenizer_workdir: str, tiny: bool) -> None:
+  """Points a Paella config at a `configs/paella_vq_digits.py` run (its default settings) and its
+  code cache: 32 px digits -> 8×8 codes from 1,024 (tiny: the 16 px width-16 tokenizer, 4×4 codes
+  from 64)."""
+  c.tokenizer = vq_tokenizer.tokenizer_config("paella_tiny")
+  c.tokenizer.overrides = dict(c_hidden=64, bottleneck_blocks=2, codebook_size=1024)
+  if tiny:
+    c.tokenizer.overrides = dict(c_hidden=16, bottleneck_blocks=1, codebook_size=64)
+  _use_digits_code_cache(c, section, tokenizer_workdir, tiny)
+
+
+def _use_digits_code_cache(c: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
+                           tokenizer_workdir: str, tiny: bool) -> None:
+  """The digits code cache of a tokenizer run, evaluated against the digits images; no mirror
+  images (digits are not mirror-symmetric: the image's own codes); 16 px when `tiny`."""
+  _use_cached_tokens(c, section, tokenizer_workdir, eval_source="digits")
+  c.data.random_flip = False
+  c.eval.data.random_flip = False
+  if tiny:
     c.data.image_size = c.eval.data.image_size = 16
 
 

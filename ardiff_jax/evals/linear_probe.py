@@ -38,7 +38,7 @@ Choices where MAE's image recipe does not carry over (ST-AR states none of them)
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp

@@ -118,6 +118,7 @@ METHODS: dict[str, str] = {
     "ar_diffusion": "ar_diffusion",
     "llamagen": "llamagen",
     "st_ar": "st_ar",
+    "paella": "paella",
 }
 
 

@@ -71,6 +71,24 @@ def code_geometry(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   return side, side * side, vq.codebook_size
 
 
+def check_code_batch(batch, side: int, vocab: int, config: ml_collections.ConfigDict,
+                     field: str) -> None:
+  """Host-side check of a first batch of cached codes: integer codes of the configured VQ
+  tokenizer's grid (side × side) and vocabulary, or a ValueError naming the fix (`field` is the
+  config field that names the tokenizer run)."""
+  codes = np.asarray(batch["codes"])
+  if codes.dtype.kind not in "iu":
+    raise ValueError(f"{config.method} reads integer codes; the cache holds {codes.dtype} values")
+  if codes.shape[1:] != (side, side):
+    raise ValueError(f"the cached codes are {codes.shape[1:]} grids, but the VQ tokenizer at "
+                     f"data.image_size={config.data.image_size} gives {side}×{side}: cache with "
+                     f"the tokenizer run named in {field}")
+  if codes.min() < 0 or codes.max() >= vocab:
+    raise ValueError(f"cached codes span [{codes.min()}, {codes.max()}] but the VQ tokenizer has "
+                     f"{vocab} codes (tokenizer.preset={config.tokenizer.preset!r}): cache with "
+                     f"the tokenizer run named in {field}")
+
+
 def build_model(config: ml_collections.ConfigDict) -> gpt_lib.GPT:
   g = config.llamagen
   _, seq_len, vocab = code_geometry(config)
@@ -103,20 +121,6 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     accuracy = jnp.mean(jnp.argmax(logits, -1) == codes)
     return loss, {"code_accuracy": accuracy}, extras
 
-  def check_batch(batch):
-    """Host-side check of a first batch: codes of this tokenizer's grid and vocabulary."""
-    codes = np.asarray(batch["codes"])
-    if codes.dtype.kind not in "iu":
-      raise ValueError(f"llamagen reads integer codes; the cache holds {codes.dtype} values")
-    if codes.shape[1:] != (side, side):
-      raise ValueError(f"the cached codes are {codes.shape[1:]} grids, but the VQ tokenizer at "
-                       f"data.image_size={config.data.image_size} gives {side}×{side}: cache with "
-                       "the tokenizer run named in llamagen.tokenizer_workdir")
-    if codes.min() < 0 or codes.max() >= vocab:
-      raise ValueError(f"cached codes span [{codes.min()}, {codes.max()}] but the VQ tokenizer has "
-                       f"{vocab} codes (tokenizer.preset={config.tokenizer.preset!r}): cache with "
-                       "the tokenizer run named in llamagen.tokenizer_workdir")
-
   def generate(params, frozen, batch, rng):
     """Class-conditional samples: labels [B] -> uint8 images [B, H, W, 3]."""
     codes = sample_codes(model, params, batch["label"], rng, cfg_scale=float(config.sample.cfg_scale),
@@ -146,4 +150,6 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
                 load_frozen=frozen_run_loader(g.tokenizer_workdir, "vq", "llamagen.tokenizer_workdir",
                                               "VQ tokenizer (configs/vq_*.py)"),
                 init_frozen=init_frozen,
-                check_batch=check_batch, probe_features=probe_features)
+                check_batch=lambda batch: check_code_batch(batch, side, vocab, config,
+                                                           "llamagen.tokenizer_workdir"),
+                probe_features=probe_features)

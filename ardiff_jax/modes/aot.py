@@ -23,7 +23,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import logging
 

@@ -1,4 +1,5 @@
-"""`--mode eval`: score `eval.source` against the held-out split and write `eval/<step>.json`.
+"""`--mode eval`: score `eval.source` against the held-out split and write `eval/<step>.json`
+(`eval/<step>_<eval.tag>.json` with a tag, e.g. one per sampler setting of the same weights).
 
   - `model`: the newest checkpoint's generations (or, from the train mode, the in-memory weights
     it passes as `params`), class-balanced labels; for a tokenizer, its reconstructions of the
@@ -56,6 +57,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, params=None,
     result.update(condition_error.run(config, workdir, exp.method, params, step))
   result["eval_time_s"] = time.time() - start
   name = f"{step}.json" if ecfg.source == "model" else f"{ecfg.source}_{step}.json"
+  if ecfg.tag:
+    name = name.replace(".json", f"_{ecfg.tag}.json")
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     with open(os.path.join(workdir, "eval", name), "w") as f:

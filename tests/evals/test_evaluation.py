@@ -155,8 +155,9 @@ def test_eval_mode_scores_a_trained_tokenizer_and_inception(config, tmp_path):
   config.eval.inception_weights = str(tmp_path / "inception.npz")
   config.eval.num_samples, config.eval.num_real, config.eval.batch_size = 16, 16, 8
   config.eval.inception_batch_size = 8
+  config.eval.tag = "fid"                               # a named variant: eval/<step>_<tag>.json
   result = main_lib.run(config, str(tmp_path), "eval")
-  assert os.path.exists(tmp_path / "eval" / "4.json")
+  assert os.path.exists(tmp_path / "eval" / "4_fid.json")
   assert result["source"] == "model" and result["num_samples"] == 16 and result["num_real"] == 16
   for key in ("fd_clf", "class_accuracy", "precision", "recall", "fid", "inception_score"):
     assert np.isfinite(result[key]), key

@@ -1,0 +1,312 @@
+"""Paella v2 (Rampas et al.; reference/dd2_paella.md §3): a convolutional U-Net that predicts every
+token of a VQGAN code grid at once, trained on uniform-renoised codes (`src_distributed/train.py`).
+
+For cached codes x [B, h, w] of a VQ tokenizer run (Paella's f = 4 VQGAN: `tokenizer.preset=
+paella_f4` or a CPU preset), with condition c of each image:
+  t   = clip(1 − U + 0.001, 0.001, 1)                        per sample (`sample_levels`)
+  m   = 1[u ≤ t] per token; x̃ = m ? uniform code in [0, V) : x   (`uniform_noise`; no mask token,
+        and the drawn code may equal the original)
+  ℓ   = UNet(x̃, t, c)                                          [B, h, w, V]
+  w   = 1 − (1 − m)(1 − t)(1 − η), η = 0.3                     (`loss_weights`: noised tokens 1,
+        clean ones η + (1 − η)t)
+  L   = mean_b Σ_hw w·CE_ls(ℓ, x) / Σ_hw w                      (label smoothing 0.1, `weighted_ce`)
+AdamW (torch defaults: β 0.9/0.999, weight decay 0.01 on every tensor), lr 1e-4 after a linear
+10k-step warmup, clip 1.0 (`paella_base_config`).
+
+Conditioning (`paella.cond`): a sequence of condition tokens, LayerNorm without affine, with
+classifier-free-guidance dropout per source:
+  - `class`: one token from a class embedding (ours, for digits and CIFAR-10); dropped (the null
+    class) with probability `label_drop`;
+  - `text`: captions `caption_template.format(class name)` through ByT5's byte ids and a byte-level
+    encoder trained with the predictor (`models/byte_text.py`), mapped to the condition width as
+    Paella's `byt5_mapper`; dropped (the empty caption, whose ids are just </s>) with probability
+    `text_drop` (Paella 0.05). Padding bytes are masked from the predictor's attention (ours: the
+    official code attends to the batch's padding, so a caption's condition would depend on the
+    longest caption of its batch).
+  Paella draws each dropout once per batch (`np.random.rand() < p` for the whole batch);
+  `drop_scope="batch"` keeps that, `"sample"` draws per sample (the usual CFG recipe).
+
+Sampling (`sampling/paella.py`): Paella's 12-step renoise sampler, CFG on logits with weight
+`sample.cfg_scale` (Paella: 8 for text), temperature linear 0.7 → 0.3.
+
+Baseline (`paella.noise="mask"`, the comparison's MaskGIT): training masks ⌈cos(π/2·r)·N⌉ random
+tokens (r ~ U[0, 1), N = h·w) with an absorbing [MASK] id V (an extra input row of the predictor's
+code table), feeds the masked fraction as the noise level, and takes the cross-entropy over the
+masked tokens only (MaskGIT: label smoothing 0.1); sampling is mask-and-freeze with confidence
+re-masking and choice temperature 4.5.
+
+Shape letters: B batch, h/w the code grid, V codebook size, S condition tokens, T caption bytes.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ardiff_jax import configlib
+from ardiff_jax.methods import Method, frozen_run_loader
+from ardiff_jax.methods import llamagen as llamagen_lib
+from ardiff_jax.methods import reconstruction as rec_lib
+from ardiff_jax.methods import vq_tokenizer
+from ardiff_jax.models import byte_text
+from ardiff_jax.models import paella_unet
+from ardiff_jax.sampling import paella as sampler
+
+NOISES = ("uniform", "mask")
+CONDS = ("class", "text")
+DROP_SCOPES = ("batch", "sample")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck")
+
+
+def paella_config(preset: str = "paella_1b") -> ml_collections.ConfigDict:
+  """Defaults of the `paella` config section (Paella v2's recipe unless noted)."""
+  p = ml_collections.ConfigDict()
+  p.preset = preset
+  p.overrides = ml_collections.ConfigDict()   # PaellaUNet fields to change in the preset
+  p.tokenizer_workdir = ""        # the VQ tokenizer run whose decoder turns codes into images
+  p.noise = "uniform"             # uniform (Paella) | mask (MaskGIT's absorbing noise, the baseline)
+  p.t_min = 0.001                 # t = clip(1 − U + t_min, t_min, 1)
+  p.loss_weight_floor = 0.3       # η: the weight of clean tokens at t = 0
+  p.label_smoothing = 0.1
+  p.cond = "class"                # class | text
+  p.label_drop = 0.1              # class: null-class probability (ours; Paella's text: 0.05)
+  p.text_drop = 0.05              # text: empty-caption probability (Paella's ByT5 dropout)
+  p.drop_scope = "batch"          # batch (Paella: one draw per batch) | sample
+  p.caption_template = "a photo of a {}"
+  p.class_names = CIFAR10_CLASSES
+  p.text_max_bytes = 32           # caption bytes with </s> (longer captions are cut)
+  p.text_width = 128              # the byte-level encoder (models/byte_text.py)
+  p.text_depth = 2
+  p.text_heads = 4
+  p.steps = 12                    # sampler steps
+  p.temperature_start = 0.7
+  p.temperature_end = 0.3
+  p.cfg_steps = -1                # ≥ 0: guidance only in the first cfg_steps steps
+  p.t_start = 1.0                 # the sampler's first noise level (< 1 with init codes: variations)
+  p.choice_temperature = 4.5      # mask sampler: MaskGIT's re-masking randomness
+  return p
+
+
+def paella_base_config(preset: str, batch_size: int) -> ml_collections.ConfigDict:
+  """A full Paella config with the paper's optimisation; dataset configs set the tokenizer
+  section, the code cache (`data.path`), the steps and the sampling scale."""
+  c = configlib.base_config()
+  c.method = "paella"
+  c.paella = paella_config(preset)
+  c.tokenizer = vq_tokenizer.tokenizer_config("paella_f4")
+  c.train.batch_size = batch_size
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 10000
+  c.optim.b1, c.optim.b2 = 0.9, 0.999          # torch AdamW's defaults, as Paella
+  c.optim.weight_decay = 0.01
+  c.optim.grad_clip_norm = 1.0
+  c.optim.schedule = "constant"
+  c.sample.use_ema = False                      # Paella keeps no EMA
+  c.sample.cfg_scale = 8.0
+  c.data.source = "cached"
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Noising and the loss, as pure functions.
+
+
+def sample_levels(rng: jax.Array, batch: int, t_min: float = 0.001) -> jax.Array:
+  """Paella's noise levels t = clip(1 − U + t_min, t_min, 1), U ~ U[0, 1). -> float32 [B]."""
+  u = jax.random.uniform(rng, (batch,))
+  return jnp.clip(1.0 - u + t_min, t_min, 1.0)
+
+
+def uniform_noise(rng: jax.Array, codes: jax.Array, t: jax.Array, vocab: int
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Each code [B, h, w] replaced with probability t [B] by a uniform code in [0, V).
+  -> (noised codes int32 [B, h, w], replaced positions float32 [B, h, w])."""
+  r_codes, r_mask = jax.random.split(rng)
+  random_codes = jax.random.randint(r_codes, codes.shape, 0, vocab, jnp.int32)
+  noised, replaced = sampler.renoise(r_mask, codes, t, random_codes)
+  return noised, replaced.astype(jnp.float32)
+
+
+def mask_noise(rng: jax.Array, codes: jax.Array, mask_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """MaskGIT's training noise: ⌈cos(π/2·r)·N⌉ positions of each grid [B, h, w] (r ~ U[0, 1)),
+  chosen uniformly, set to `mask_id`. -> (noised int32 [B, h, w], masked float32 [B, h, w], the
+  masked fraction float32 [B], the level the predictor sees)."""
+  b, n = codes.shape[0], codes.shape[1] * codes.shape[2]
+  r_level, r_pos = jax.random.split(rng)
+  count = jnp.ceil(sampler.cosine_mask_ratio(jax.random.uniform(r_level, (b, 1))) * n)
+  rank = jnp.argsort(jnp.argsort(jax.random.uniform(r_pos, (b, n)), axis=-1), axis=-1)
+  masked = (rank < count).reshape(codes.shape)
+  return (jnp.where(masked, mask_id, codes).astype(jnp.int32), masked.astype(jnp.float32),
+          count[:, 0] / n)
+
+
+def loss_weights(t: jax.Array, replaced: jax.Array, floor: float = 0.3) -> jax.Array:
+  """Paella's `get_loss_weight`: 1 − (1 − m)(1 − t)(1 − η). t [B], m [B, h, w] -> [B, h, w]."""
+  return 1.0 - (1.0 - replaced) * ((1.0 - t) * (1.0 - floor))[:, None, None]
+
+
+def weighted_ce(logits: jax.Array, targets: jax.Array, weights: jax.Array, smoothing: float
+                ) -> jax.Array:
+  """mean_b Σ w·CE / Σ w with label-smoothed targets ((1 − ε)·onehot + ε/V, torch's
+  `label_smoothing`). logits [B, h, w, V], targets int [B, h, w], weights [B, h, w] -> scalar."""
+  vocab = logits.shape[-1]
+  soft = optax.smooth_labels(jax.nn.one_hot(targets, vocab), smoothing)
+  ce = optax.softmax_cross_entropy(logits.astype(jnp.float32), soft)
+  per_sample = jnp.sum(weights * ce, axis=(1, 2)) / jnp.maximum(jnp.sum(weights, axis=(1, 2)), 1e-12)
+  return jnp.mean(per_sample)
+
+
+def drop_flags(rng: jax.Array, batch: int, rate: float, scope: str) -> jax.Array:
+  """Which samples lose their condition: bool [B], one draw for the batch (`scope="batch"`, Paella)
+  or one per sample."""
+  if scope == "batch":
+    return jnp.broadcast_to(jax.random.uniform(rng, ()) < rate, (batch,))
+  return jax.random.uniform(rng, (batch,)) < rate
+
+
+def caption_ids(p: ml_collections.ConfigDict, num_classes: int) -> np.ndarray:
+  """ByT5 ids of every class's caption, plus the empty caption as row `num_classes` (the
+  unconditional input). -> int32 [num_classes + 1, T]."""
+  names = tuple(p.class_names)
+  if len(names) != num_classes:
+    raise ValueError(f"paella.class_names has {len(names)} names but data.num_classes="
+                     f"{num_classes}: give one name per class, in label order")
+  captions = [p.caption_template.format(name) for name in names] + [""]
+  return byte_text.byte_ids(captions, p.text_max_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The method.
+
+
+def check_paella_config(config: ml_collections.ConfigDict) -> None:
+  p = config.paella
+  for field, value, valid in (("noise", p.noise, NOISES), ("cond", p.cond, CONDS),
+                              ("drop_scope", p.drop_scope, DROP_SCOPES)):
+    if value not in valid:
+      raise ValueError(f"paella.{field}={value!r}; valid: {valid}")
+  for field in ("label_drop", "text_drop"):
+    if not 0.0 <= p[field] < 1.0:
+      raise ValueError(f"paella.{field}={p[field]} must be in [0, 1)")
+  if p.steps < 1:
+    raise ValueError(f"paella.steps={p.steps} must be ≥ 1")
+
+
+def build_model(config: ml_collections.ConfigDict) -> paella_unet.PaellaUNet:
+  p = config.paella
+  _, _, vocab = llamagen_lib.code_geometry(config)
+  sources = ({"num_classes": config.data.num_classes} if p.cond == "class"
+             else {"text_dim": p.text_width})
+  return paella_unet.make_paella_unet(
+      p.preset, num_labels=vocab, mask_token=p.noise == "mask",
+      dtype=jnp.dtype(config.train.compute_dtype), **{**sources, **configlib.overrides(p)})
+
+
+def make_method(config: ml_collections.ConfigDict) -> Method:
+  check_paella_config(config)
+  p = config.paella
+  model = build_model(config)
+  side, _, vocab = llamagen_lib.code_geometry(config)
+  vq = vq_tokenizer.build_vq(config.tokenizer)
+  null = config.data.num_classes
+  text_encoder = (byte_text.ByteTextEncoder(p.text_width, p.text_depth, p.text_heads,
+                                            p.text_max_bytes) if p.cond == "text" else None)
+  captions = jnp.asarray(caption_ids(p, null)) if p.cond == "text" else None
+  drop_rate = p.label_drop if p.cond == "class" else p.text_drop
+
+  def init_params(rng):
+    r_model, r_text = jax.random.split(rng)
+    x = jnp.zeros((1, side, side), jnp.int32)
+    if text_encoder is None:
+      c = {"labels": jnp.zeros((1,), jnp.int32)}
+      params = {}
+    else:
+      params = {"text_encoder": text_encoder.init(r_text, captions[:1])["params"]}
+      c = {"text": jnp.zeros((1, p.text_max_bytes, p.text_width), jnp.float32)}
+    params["predictor"] = model.init(r_model, x, jnp.ones((1,)), c,
+                                     method=paella_unet.PaellaUNet.init_all)["params"]
+    return params
+
+  def conditions(params, labels, drop):
+    """labels int [B], drop bool [B] -> (condition tokens [B, S, c_cond], key mask [B, S] or None)."""
+    keep_labels = jnp.where(drop, null, labels)
+    if text_encoder is None:
+      c = model.apply({"params": params["predictor"]}, labels=keep_labels,
+                      method=paella_unet.PaellaUNet.embed_conditions)
+      return c, None
+    ids = captions[keep_labels]                                           # [B, T]
+    h = text_encoder.apply({"params": params["text_encoder"]}, ids)
+    c = model.apply({"params": params["predictor"]}, text=h,
+                    method=paella_unet.PaellaUNet.embed_conditions)
+    return c, ids != byte_text.PAD_ID
+
+  def loss_fn(params, batch, rng, step, extras):
+    del step
+    r_level, r_noise, r_drop, r_dropout = jax.random.split(rng, 4)
+    codes = batch["codes"].astype(jnp.int32)
+    b = codes.shape[0]
+    if p.noise == "uniform":
+      t = sample_levels(r_level, b, p.t_min)
+      noised, replaced = uniform_noise(r_noise, codes, t, vocab)
+      weights = loss_weights(t, replaced, p.loss_weight_floor)
+    else:
+      noised, replaced, t = mask_noise(r_noise, codes, vocab)
+      weights = replaced
+    c, c_mask = conditions(params, batch["label"], drop_flags(r_drop, b, drop_rate, p.drop_scope))
+    logits = model.apply({"params": params["predictor"]}, noised, t, c, c_mask,
+                         deterministic=False, rngs={"dropout": r_dropout})
+    loss = weighted_ce(logits, codes, weights, p.label_smoothing)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == codes)
+    return loss, {"code_accuracy": accuracy, "noised_fraction": jnp.mean(replaced)}, extras
+
+  def sample_codes(params, labels, rng, init_x=None, keep=None):
+    """labels int32 [B] -> codes int32 [B, h, w] (with `init_x`/`keep`: variations, inpainting)."""
+    b = labels.shape[0]
+    cfg = float(config.sample.cfg_scale)
+    guided = cfg != 1.0
+    both = jnp.concatenate([labels, labels]) if guided else labels
+    drop = jnp.arange(both.shape[0]) >= b if guided else jnp.zeros((b,), bool)
+    c, c_mask = conditions(params, both, drop)
+
+    def logits_fn(x, t, w):
+      if guided:
+        x, t = jnp.concatenate([x, x]), jnp.concatenate([t, t])
+      logits = model.apply({"params": params["predictor"]}, x, t, c, c_mask).astype(jnp.float32)
+      if not guided:
+        return logits
+      cond, uncond = logits[:b], logits[b:]
+      return uncond + w * (cond - uncond)
+
+    shape = (b, side, side)
+    cfg_steps = None if p.cfg_steps < 0 else int(p.cfg_steps)
+    if p.noise == "mask":
+      return sampler.sample_mask_freeze(logits_fn, rng, shape, vocab, steps=int(p.steps),
+                                        choice_temperature=float(p.choice_temperature),
+                                        cfg=(cfg, cfg), cfg_steps=cfg_steps)
+    return sampler.sample_renoise(
+        logits_fn, rng, shape, vocab, steps=int(p.steps),
+        temperature=(float(p.temperature_start), float(p.temperature_end)), cfg=(cfg, cfg),
+        cfg_steps=cfg_steps, t_start=float(p.t_start), init_x=init_x, keep=keep)
+
+  def generate(params, frozen, batch, rng):
+    """Class-conditional samples: labels [B] -> uint8 images [B, H, W, 3]."""
+    codes = sample_codes(params, batch["label"], rng)
+    images = vq.apply({"params": frozen}, codes, method=vq.decode_codes)
+    return rec_lib.to_uint8(jnp.clip(images, -1, 1))
+
+  def init_frozen(rng):
+    size = config.data.image_size
+    return nn.meta.unbox(vq.init(rng, jnp.zeros((1, size, size, 3)))["params"])
+
+  return Method(name="paella", model=model, init_params=init_params, loss_fn=loss_fn,
+                batch_keys=("codes", "label"), generate=generate, generate_from="labels",
+                load_frozen=frozen_run_loader(p.tokenizer_workdir, "vq", "paella.tokenizer_workdir",
+                                              "VQ tokenizer (configs/paella_vq_*.py)"),
+                init_frozen=init_frozen,
+                check_batch=lambda batch: llamagen_lib.check_code_batch(
+                    batch, side, vocab, config, "paella.tokenizer_workdir"),
+                decay_mask=lambda params: jax.tree.map(lambda _: True, params))
