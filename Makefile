@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # compilation, which is single-threaded, so two workers on two cores take ~2/3 of the time.
 TEST_WORKERS ?= 2
 
-.PHONY: demo demo-llamagen test test-slow install clean-demo
+.PHONY: demo demo-llamagen demo-paella test test-slow install clean-demo
 
 install: $(STAMP)
 
@@ -47,6 +47,19 @@ demo-llamagen: $(STAMP)
 	$(BIN)/python -m ardiff_jax.main $(LG) --mode eval
 	@echo "Pictures: $(DEMO_DIR)/llamagen/samples/grid_*.png (one row per digit class); metrics:"
 	@echo "          $(DEMO_DIR)/llamagen/eval/*.json."
+
+# Paella on the same digits: its f = 4 VQGAN, the code cache, the U-Net token predictor, samples
+# from the 12-step renoise sampler, eval.
+PVQ := --config configs/paella_vq_digits.py --workdir $(DEMO_DIR)/paella_vq
+PAELLA := --config configs/paella_digits.py:vq=$(DEMO_DIR)/paella_vq --workdir $(DEMO_DIR)/paella
+demo-paella: $(STAMP)
+	$(BIN)/python -m ardiff_jax.main $(PVQ) --mode train
+	$(BIN)/python -m ardiff_jax.main $(PVQ) --mode cache
+	$(BIN)/python -m ardiff_jax.main $(PAELLA) --mode train
+	$(BIN)/python -m ardiff_jax.main $(PAELLA) --mode sample
+	$(BIN)/python -m ardiff_jax.main $(PAELLA) --mode eval
+	@echo "Pictures: $(DEMO_DIR)/paella/samples/grid_*.png (one row per digit class); metrics:"
+	@echo "          $(DEMO_DIR)/paella/eval/*.json."
 
 # The layer contract (pyproject.toml, [tool.importlinter]) first: a broken contract fails the suite.
 test: $(STAMP)

@@ -32,8 +32,10 @@ Sampling (`sampling/paella.py`): Paella's 12-step renoise sampler, CFG on logits
 Baseline (`paella.noise="mask"`, the comparison's MaskGIT): training masks ⌈cos(π/2·r)·N⌉ random
 tokens (r ~ U[0, 1), N = h·w) with an absorbing [MASK] id V (an extra input row of the predictor's
 code table), feeds the masked fraction as the noise level, and takes the cross-entropy over the
-masked tokens only (MaskGIT: label smoothing 0.1); sampling is mask-and-freeze with confidence
-re-masking and choice temperature 4.5.
+masked tokens only, averaged over every masked token of the batch (MaskGIT: label smoothing
+0.1); sampling is mask-and-freeze with confidence re-masking and choice temperature 4.5. Ours: the
+baseline samples with the same CFG on logits as the renoise sampler (MaskGIT's class-conditional
+decoder has none), so that the comparison changes only the noise and the sampler.
 
 Shape letters: B batch, h/w the code grid, V codebook size, S condition tokens, T caption bytes.
 """
@@ -69,12 +71,12 @@ def paella_config(preset: str = "paella_1b") -> ml_collections.ConfigDict:
   p.overrides = ml_collections.ConfigDict()   # PaellaUNet fields to change in the preset
   p.tokenizer_workdir = ""        # the VQ tokenizer run whose decoder turns codes into images
   p.noise = "uniform"             # uniform (Paella) | mask (MaskGIT's absorbing noise, the baseline)
-  p.t_min = 0.001                 # t = clip(1 − U + t_min, t_min, 1)
-  p.loss_weight_floor = 0.3       # η: the weight of clean tokens at t = 0
+  p.t_min = 0.001                 # noise=uniform: t = clip(1 − U + t_min, t_min, 1)
+  p.loss_weight_floor = 0.3       # noise=uniform: η, the weight of clean tokens at t = 0
   p.label_smoothing = 0.1
   p.cond = "class"                # class | text
-  p.label_drop = 0.1              # class: null-class probability (ours; Paella's text: 0.05)
-  p.text_drop = 0.05              # text: empty-caption probability (Paella's ByT5 dropout)
+  p.label_drop = 0.1              # cond=class: null-class probability (ours; Paella's text: 0.05)
+  p.text_drop = 0.05              # cond=text: empty-caption probability (Paella's ByT5 dropout)
   p.drop_scope = "batch"          # batch (Paella: one draw per batch) | sample
   p.caption_template = "a photo of a {}"
   p.class_names = CIFAR10_CLASSES
@@ -83,11 +85,11 @@ def paella_config(preset: str = "paella_1b") -> ml_collections.ConfigDict:
   p.text_depth = 2
   p.text_heads = 4
   p.steps = 12                    # sampler steps
-  p.temperature_start = 0.7
+  p.temperature_start = 0.7       # noise=uniform (the mask sampler draws at temperature 1)
   p.temperature_end = 0.3
   p.cfg_steps = -1                # ≥ 0: guidance only in the first cfg_steps steps
-  p.t_start = 1.0                 # the sampler's first noise level (< 1 with init codes: variations)
-  p.choice_temperature = 4.5      # mask sampler: MaskGIT's re-masking randomness
+  p.t_start = 1.0                 # noise=uniform: the first level (< 1 with init codes: variations)
+  p.choice_temperature = 4.5      # noise=mask: MaskGIT's re-masking randomness
   return p
 
 
@@ -149,15 +151,19 @@ def loss_weights(t: jax.Array, replaced: jax.Array, floor: float = 0.3) -> jax.A
   return 1.0 - (1.0 - replaced) * ((1.0 - t) * (1.0 - floor))[:, None, None]
 
 
-def weighted_ce(logits: jax.Array, targets: jax.Array, weights: jax.Array, smoothing: float
-                ) -> jax.Array:
-  """mean_b Σ w·CE / Σ w with label-smoothed targets ((1 − ε)·onehot + ε/V, torch's
-  `label_smoothing`). logits [B, h, w, V], targets int [B, h, w], weights [B, h, w] -> scalar."""
+def weighted_ce(logits: jax.Array, targets: jax.Array, weights: jax.Array, smoothing: float,
+                per_sample: bool = True) -> jax.Array:
+  """Label-smoothed cross-entropy ((1 − ε)·onehot + ε/V targets, torch's `label_smoothing`)
+  weighted by w: mean_b Σ_hw w·CE / Σ_hw w (`per_sample`, Paella), or Σ w·CE / Σ w over the whole
+  batch (MaskGIT: the mean over every masked token). logits [B, h, w, V], targets int [B, h, w],
+  weights [B, h, w] -> scalar."""
   vocab = logits.shape[-1]
   soft = optax.smooth_labels(jax.nn.one_hot(targets, vocab), smoothing)
   ce = optax.softmax_cross_entropy(logits.astype(jnp.float32), soft)
-  per_sample = jnp.sum(weights * ce, axis=(1, 2)) / jnp.maximum(jnp.sum(weights, axis=(1, 2)), 1e-12)
-  return jnp.mean(per_sample)
+  if not per_sample:
+    return jnp.sum(weights * ce) / jnp.maximum(jnp.sum(weights), 1e-12)
+  per_row = jnp.sum(weights * ce, axis=(1, 2)) / jnp.maximum(jnp.sum(weights, axis=(1, 2)), 1e-12)
+  return jnp.mean(per_row)
 
 
 def drop_flags(rng: jax.Array, batch: int, rate: float, scope: str) -> jax.Array:
@@ -199,8 +205,10 @@ def check_paella_config(config: ml_collections.ConfigDict) -> None:
 def build_model(config: ml_collections.ConfigDict) -> paella_unet.PaellaUNet:
   p = config.paella
   _, _, vocab = llamagen_lib.code_geometry(config)
-  sources = ({"num_classes": config.data.num_classes} if p.cond == "class"
-             else {"text_dim": p.text_width})
+  # The configured source alone: a preset's other mappers (paella_1b's ByT5 and CLIP widths)
+  # would be created, decayed and never fed.
+  sources = dict(num_classes=config.data.num_classes if p.cond == "class" else 0,
+                 text_dim=p.text_width if p.cond == "text" else 0, clip_dim=0)
   return paella_unet.make_paella_unet(
       p.preset, num_labels=vocab, mask_token=p.noise == "mask",
       dtype=jnp.dtype(config.train.compute_dtype), **{**sources, **configlib.overrides(p)})
@@ -214,7 +222,8 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   vq = vq_tokenizer.build_vq(config.tokenizer)
   null = config.data.num_classes
   text_encoder = (byte_text.ByteTextEncoder(p.text_width, p.text_depth, p.text_heads,
-                                            p.text_max_bytes) if p.cond == "text" else None)
+                                            p.text_max_bytes, jnp.dtype(config.train.compute_dtype))
+                  if p.cond == "text" else None)
   captions = jnp.asarray(caption_ids(p, null)) if p.cond == "text" else None
   drop_rate = p.label_drop if p.cond == "class" else p.text_drop
 
@@ -259,7 +268,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     c, c_mask = conditions(params, batch["label"], drop_flags(r_drop, b, drop_rate, p.drop_scope))
     logits = model.apply({"params": params["predictor"]}, noised, t, c, c_mask,
                          deterministic=False, rngs={"dropout": r_dropout})
-    loss = weighted_ce(logits, codes, weights, p.label_smoothing)
+    loss = weighted_ce(logits, codes, weights, p.label_smoothing, per_sample=p.noise == "uniform")
     accuracy = jnp.mean(jnp.argmax(logits, -1) == codes)
     return loss, {"code_accuracy": accuracy, "noised_fraction": jnp.mean(replaced)}, extras
 
@@ -284,6 +293,9 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     shape = (b, side, side)
     cfg_steps = None if p.cfg_steps < 0 else int(p.cfg_steps)
     if p.noise == "mask":
+      if init_x is not None or keep is not None:
+        raise ValueError("init_x and keep (variations, inpainting) need the renoise sampler: "
+                         "paella.noise='uniform'")
       return sampler.sample_mask_freeze(logits_fn, rng, shape, vocab, steps=int(p.steps),
                                         choice_temperature=float(p.choice_temperature),
                                         cfg=(cfg, cfg), cfg_steps=cfg_steps)

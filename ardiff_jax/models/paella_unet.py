@@ -6,8 +6,9 @@ Shape letters: B batch, h×w the code grid (multiples of patch_size·2^(levels�
 
     codes [B,h,w] → Embed(V, c_in) → LN → PixelUnshuffle(p) → 1×1 conv → c_hidden[0] → LN2d
     down level i: (i>0: LN2d + 2×2/2 conv) then blocks[i] × level_config[i]   → skip_i
-    up level i (lowest first): blocks[i] × level_config[i] (the level's first C block, levels below
-        the lowest, concatenates skip_i), then (i>0) LN2d + 2×2/2 transposed conv → c_hidden[i−1]
+    up level i (lowest first): blocks[i] × level_config[i] (the level's first C block, on every
+        level except the lowest, concatenates skip_i), then (i>0) LN2d + 2×2/2 transposed conv
+        → c_hidden[i−1]
     clf: LN2d, 1×1 conv → c_out·p², PixelShuffle(p);  out: LN2d, bias-free 1×1 conv → V logits
 Blocks: C = ConvNeXt-V2 ResBlock  x + Lin(Drop(GRN(GELU(Lin(LN(DWConv([x; skip])))))));
 T = FiLM x·(1+a)+b, [a; b] = Lin(r_embed);  A = x + MHA(LN(x), kv=[LN(x) tokens; Lin(SiLU(c))]).
@@ -303,6 +304,9 @@ class PaellaUNet(nn.Module):
     for i, (cfg, c, h) in enumerate(zip(self.level_config, self.c_hidden, self.nhead)):
       if set(cfg) - set("CTA") or not cfg:
         raise ValueError(f"level_config[{i}]={cfg!r}: use the block types 'C', 'T', 'A'")
+      if i < n - 1 and not cfg.startswith("C"):
+        raise ValueError(f"level_config[{i}]={cfg!r}: the skip of level {i} enters its first up "
+                         "block, which must be a 'C' block (the official code drops it otherwise)")
       if "A" in cfg and (h <= 0 or c % h):
         raise ValueError(f"level {i} has attention: nhead[{i}]={h} must be > 0 and divide "
                          f"c_hidden[{i}]={c}")

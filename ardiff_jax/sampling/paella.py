@@ -82,6 +82,9 @@ def sample_renoise(logits_fn: LogitsFn, rng: jax.Array, shape: tuple[int, int, i
                    t_start: float = 1.0, t_end: float = 0.0, renoise_steps: int | None = None,
                    init_x: jax.Array | None = None, keep: jax.Array | None = None) -> jax.Array:
   """Paella's sampler (module docstring). shape = (B, h, w) -> codes int32 [B, h, w]."""
+  if keep is not None and (init_x is None or keep.shape != tuple(shape)):
+    raise ValueError(f"keep (inpainting) marks tokens of init_x to keep: give init_x as well, and "
+                     f"both of shape {tuple(shape)}")
   r_init, r_loop = jax.random.split(rng)
   u_init = initial_codes(r_init, shape, vocab)
   x = u_init if init_x is None else init_x.astype(jnp.int32)
@@ -119,8 +122,9 @@ def sample_mask_freeze(logits_fn: LogitsFn, rng: jax.Array, shape: tuple[int, in
   n = shape[1] * shape[2]
   weights = guidance_schedule(steps, cfg, cfg_steps)
   x0 = jnp.full((b, n), vocab, jnp.int32)
-  # floor(N₀·cos(π/2·(i + 1)/S)) with N₀ = N (all masked), in float64 on the host: in float32,
-  # cos(π/3) rounds below 1/2 and the floor drops a token at the exact boundaries.
+  # floor(N₀·cos(π/2·(i + 1)/S)) with N₀ = N (all masked), in float64 on the host. A departure
+  # from MaskGIT's float32, where cos(π/3) rounds below 1/2 and the floor drops a token at the
+  # exact boundaries (e.g. 31 rather than 32 of 64 still masked after step 8 of 12).
   lengths = jnp.asarray(np.floor(n * np.cos(0.5 * np.pi * (np.arange(steps) + 1.0) / steps)),
                         jnp.float32)
 

@@ -65,6 +65,18 @@ def test_weighted_label_smoothed_loss_matches_numpy():
   np.testing.assert_allclose(np.asarray(w)[replaced == 1], 1.0)          # noised tokens weigh 1
   got = paella.weighted_ce(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), w, 0.1)
   np.testing.assert_allclose(got, want, rtol=1e-5)
+  # MaskGIT's normalisation: the mean over every masked token of the batch.
+  ce = _numpy_loss(logits, targets, np.ones(3), np.ones((3, 4, 4)), 0.3, 0.1)[0]   # w = 1: plain mean
+  np.testing.assert_allclose(paella.weighted_ce(jnp.asarray(logits, jnp.float32), jnp.asarray(targets),
+                                                jnp.ones((3, 4, 4)), 0.1, per_sample=False), ce, rtol=1e-5)
+  masked = jnp.asarray(replaced)
+  per_token = paella.weighted_ce(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), masked,
+                                 0.1, per_sample=False)
+  log_p = logits - logits.max(-1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+  soft = np.full(logits.shape, 0.1 / V)
+  np.put_along_axis(soft, targets[..., None], 0.9 + 0.1 / V, axis=-1)
+  np.testing.assert_allclose(per_token, (-(soft * log_p).sum(-1))[replaced == 1].mean(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("scope", ["batch", "sample"])
@@ -148,6 +160,16 @@ def test_settings_paella_cannot_run_are_refused(field, value, message):
   config.paella[field] = value
   with pytest.raises(ValueError, match=message):
     build_experiment(config)
+
+
+def test_only_the_configured_condition_source_has_parameters():
+  config = load_config("paella_digits", "tiny")
+  config.paella.preset = "paella_1b"              # whose preset also names ByT5 and CLIP widths
+  config.paella.overrides = dict(c_hidden=(32, 64), blocks=(1, 1), nhead=(0, 2), c_in=32, c_out=32,
+                                 c_cond=64, level_config=("CT", "CTA"))
+  shapes = jax.eval_shape(build_experiment(config).method.init_params, jax.random.key(0))
+  names = set(shapes["predictor"])
+  assert "class_embedding" in names and not names & {"byt5_mapper", "clip_mapper", "clip_image_mapper"}
 
 
 @pytest.fixture(scope="module")

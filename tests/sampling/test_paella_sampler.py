@@ -108,3 +108,10 @@ def test_mask_freeze_freezes_tokens_and_follows_the_cosine_schedule():
     unknown = want
   frozen = seen[-1] != V
   np.testing.assert_array_equal(final[frozen], seen[-1][frozen])
+
+
+def test_keep_without_init_x_is_refused_with_the_fix():
+  import pytest  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="give init_x"):
+    sampler.sample_renoise(_peaked(_target()), jax.random.key(0), SHAPE, V,
+                           keep=jnp.ones(SHAPE, bool))
