@@ -7,14 +7,17 @@ renoise sampler.
 - `cond=class`: one class token (dropped with probability 0.1 for CFG);
 - `cond=text`: captions "a photo of a {class}" through ByT5's byte ids and a byte-level encoder
   trained with the predictor (Paella's text path at demo size; the empty caption, with
-  probability 0.05, is the unconditional input). CFG 8.0 for text, as Paella; 2.0 for classes.
+  probability 0.05, is the unconditional input);
+- `cond=byt5`: the same captions through a pretrained ByT5 encoder read from the local Hugging
+  Face checkpoint folder `byt5` (Paella's text path; nothing is downloaded).
+CFG 8.0 for text, as Paella; 2.0 for classes.
 `noise=mask`: the MaskGIT baseline at the same budget. `cpu`: the short-run settings of
 `presets.use_short_cpu_run` (lr 1e-3 after 200 warmup steps, raw weights), as the other CIFAR-10
 generators. Both evaluate 10,000 samples against the 10,000 test images.
 Chain: train paella_vq_cifar10 into `vq` (with the same `tok` preset), `--mode cache` it, then
 train here.
 Args: steps, batch, vq, path (the image folder for evaluation), tok (paella_small | paella_tiny),
-cond (class | text), noise (uniform | mask), cpu.
+cond (class | text | byt5), byt5 (the ByT5 checkpoint folder), noise (uniform | mask), cpu.
 """
 from ardiff_jax import configlib
 from ardiff_jax.methods.paella import paella_base_config
@@ -23,10 +26,11 @@ from ardiff_jax.presets import use_cifar10_codes, use_cifar10_eval, use_short_cp
 
 def get_config(arg=None):
   a = configlib.parse_arg(arg, steps=40000, batch=256, vq="workdirs/paella_vq_cifar10",
-                          path="data/cifar10", tok="paella_small", cond="class", noise="uniform",
-                          cpu=False)
+                          path="data/cifar10", tok="paella_small", cond="class", byt5="",
+                          noise="uniform", cpu=False)
   c = paella_base_config("paella_small", a.batch)
   c.paella.cond = a.cond
+  c.paella.byt5_path = a.byt5
   c.paella.noise = a.noise
   use_cifar10_codes(c, c.paella, vq=a.vq, path=a.path, preset=a.tok)
   if a.cpu:
@@ -37,6 +41,6 @@ def get_config(arg=None):
     c.train.log_every = 200
     c.train.ckpt_every = 5000
     c.sample.num_samples = c.sample.batch_size = 100
-  c.sample.cfg_scale = 8.0 if a.cond == "text" else 2.0
+  c.sample.cfg_scale = 2.0 if a.cond == "class" else 8.0
   use_cifar10_eval(c)
   return c

@@ -9,9 +9,9 @@ renoising, η-weighted label-smoothed cross-entropy) and 12-step renoise sampler
 steps, CFG 2.0) with Paella's AdamW (0.9, 0.999, weight decay 0.01) and clip 1.0.
 `noise=mask`: the MaskGIT baseline (absorbing [MASK] noise, mask-and-freeze sampling);
 `cond=text`: captions "a handwritten digit {d}" through the byte-level text path instead of the
-class token.
-Args: steps, batch, vq (the tokenizer run), noise (uniform | mask), cond (class | text), tiny (a
-seconds-long smoke run for the tests).
+class token; `cond=byt5` with `--config.paella.byt5_path=DIR`: through a pretrained ByT5 encoder.
+Args: steps, batch, vq (the tokenizer run), noise (uniform | mask), cond (class | text | byt5),
+tiny (a seconds-long smoke run for the tests).
 """
 from ardiff_jax import configlib
 from ardiff_jax.methods.paella import paella_base_config

@@ -276,10 +276,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, method, params, step: i
   return dict(summary(result), condition_error_file=stem + ".json")
 
 
-def newest_step(workdir: str, prefix: str = "") -> int | None:
-  """The largest step of a run's `eval/<prefix><step>.json` files, or None when there is none."""
+def newest_step(workdir: str, prefix: str = "", suffix: str = "") -> int | None:
+  """The largest step of a run's `eval/<prefix><step><suffix>.json` files, or None when there is
+  none."""
   out_dir = os.path.join(workdir, "eval")
-  pattern = re.compile(re.escape(prefix) + r"(\d+)\.json")
+  pattern = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(suffix) + r"\.json")
   steps = [int(m.group(1)) for n in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
            if (m := pattern.fullmatch(n))]
   return max(steps) if steps else None

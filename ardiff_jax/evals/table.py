@@ -4,7 +4,8 @@
     python -m ardiff_jax.evals.table --probe "LlamaGen=W0,W1" "ST-AR=W2,W3"
 
 Each argument is `LABEL=WORKDIR,WORKDIR,...` (one workdir per seed); every workdir's newest
-`eval/<step>.json` is read (and its `eval/condition_error_<step>.json`, when there is one). Columns:
+`eval/<step>.json` is read (`WORKDIR@TAG`: its `eval/<step>_<TAG>.json`, an evaluation made with
+`--config.eval.tag=TAG`) (and its `eval/condition_error_<step>.json`, when there is one). Columns:
 FD-clf, class accuracy, precision / recall, the memorisation ratio (`memorization/nn_train_ratio`),
 the served conditions' denoising SNR and, for the decay of the condition score along the AR
 chain, in how many seeds the fit says it decays (M > 0 and β's interval below 1) with the mean β,
@@ -27,11 +28,15 @@ COLUMNS = ("FD-clf", "class acc (%)", "precision / recall", "memorisation ratio"
 
 
 def newest_eval(workdir: str) -> tuple[dict, dict | None]:
-  """(eval/<step>.json, its condition_error_<step>.json or None) of the newest evaluated step."""
-  step = condition_error.newest_step(workdir)
+  """(eval/<step>.json, its condition_error_<step>.json or None) of the newest evaluated step;
+  `WORKDIR@TAG` reads the tagged evaluation eval/<step>_<TAG>.json (`eval.tag`) instead."""
+  workdir, _, tag = workdir.partition("@")
+  suffix = f"_{tag}" if tag else ""
+  step = condition_error.newest_step(workdir, suffix=suffix)
   if step is None:
-    raise ValueError(f"{workdir} has no eval/<step>.json: run --mode eval of it first")
-  with open(os.path.join(workdir, "eval", f"{step}.json")) as f:
+    raise ValueError(f"{workdir} has no eval/<step>{suffix}.json: run --mode eval of it first"
+                     + (f" with --config.eval.tag={tag}" if tag else ""))
+  with open(os.path.join(workdir, "eval", f"{step}{suffix}.json")) as f:
     result = json.load(f)
   path = os.path.join(workdir, "eval", f"condition_error_{step}.json")
   if not os.path.exists(path):
@@ -69,7 +74,7 @@ def row(label: str, workdirs: list[str]) -> list[str]:
   fits = [c["score_by_step"]["fit"] for _, c in evals if c is not None and c["score_by_step"]["fit"]]
   decay = (f"{sum(f['decays'] for f in fits)}/{len(fits)} ({mean_std([f['beta'] for f in fits], '.2f')})"
            if fits else "–")
-  probes = [newest_probe(w) for w in workdirs]
+  probes = [newest_probe(w.partition("@")[0]) for w in workdirs]
   best = [None if p is None else 100.0 * p["best_top1"] for p in probes]
   return [label, str(len(workdirs)), mean_std(get("fd_clf"), ".2f"),
           mean_std(get("class_accuracy", 100.0), ".1f"),

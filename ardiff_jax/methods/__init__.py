@@ -54,6 +54,9 @@ class Method:
       (DiffLoss generators), else None.
     loss_reads_ema: when True the engine calls loss_fn(..., ema_params=<the EMA weights>) (read
       only, e.g. as a teacher).
+    loss_reads_frozen: when True the engine calls loss_fn(..., frozen=<what load_frozen returns>)
+      (read only, no gradient, replicated; e.g. a pretrained text encoder or an AR teacher);
+      `--mode bench` and `--mode aot` pass `init_frozen`'s weights of the same shapes.
     check_batch: (a host batch of the training data, NumPy) -> None, raising ValueError with the
       fix when the data does not fit the method (e.g. codes of another tokenizer); the engine
       calls it on a first batch before anything is written.
@@ -85,6 +88,7 @@ class Method:
   sampling_params: Callable[[PyTree, dict], PyTree] = lambda params, extras: params
   condition_probe: Any = None
   loss_reads_ema: bool = False
+  loss_reads_frozen: bool = False
   check_batch: Callable[[dict], None] | None = None
   auxiliary_params: Callable[[PyTree], PyTree] | None = None
   probe_features: Callable[..., jax.Array] | None = None

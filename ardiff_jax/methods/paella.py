@@ -23,6 +23,10 @@ classifier-free-guidance dropout per source:
     `text_drop` (Paella 0.05). Padding bytes are masked from the predictor's attention (ours: the
     official code attends to the batch's padding, so a caption's condition would depend on the
     longest caption of its batch).
+  - `byt5`: the same captions through a pretrained ByT5 encoder read from the local checkpoint
+    folder `byt5_path` (`models/t5_checkpoint.py`; frozen, replicated, passed to the loss and
+    the sampler as frozen weights; ByT5-XL's 2560-wide `last_hidden_state` is Paella's input),
+    with the padding masked in the encoder and the predictor as above.
   Paella draws each dropout once per batch (`np.random.rand() < p` for the whole batch);
   `drop_scope="batch"` keeps that, `"sample"` draws per sample (the usual CFG recipe).
 
@@ -41,6 +45,9 @@ Shape letters: B batch, h/w the code grid, V codebook size, S condition tokens, 
 """
 from __future__ import annotations
 
+import json
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -55,10 +62,12 @@ from ardiff_jax.methods import reconstruction as rec_lib
 from ardiff_jax.methods import vq_tokenizer
 from ardiff_jax.models import byte_text
 from ardiff_jax.models import paella_unet
+from ardiff_jax.models import t5 as t5_lib
+from ardiff_jax.models import t5_checkpoint
 from ardiff_jax.sampling import paella as sampler
 
 NOISES = ("uniform", "mask")
-CONDS = ("class", "text")
+CONDS = ("class", "text", "byt5")
 DROP_SCOPES = ("batch", "sample")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                    "truck")
@@ -80,7 +89,8 @@ def paella_config(preset: str = "paella_1b") -> ml_collections.ConfigDict:
   p.drop_scope = "batch"          # batch (Paella: one draw per batch) | sample
   p.caption_template = "a photo of a {}"
   p.class_names = CIFAR10_CLASSES
-  p.text_max_bytes = 32           # caption bytes with </s> (longer captions are cut)
+  p.byt5_path = ""                # cond=byt5: a local Hugging Face ByT5 (or T5) checkpoint folder
+  p.text_max_bytes = 32           # caption bytes with </s> (longer captions are cut; Paella: 768)
   p.text_width = 128              # the byte-level encoder (models/byte_text.py)
   p.text_depth = 2
   p.text_heads = 4
@@ -202,13 +212,29 @@ def check_paella_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"paella.steps={p.steps} must be ≥ 1")
 
 
+def byt5_config(path: str) -> dict:
+  """The config.json of the local ByT5 checkpoint folder named by `paella.byt5_path`."""
+  file = os.path.join(path, "config.json")
+  if not path or not os.path.isfile(file):
+    raise ValueError(f"paella.cond='byt5' reads a local Hugging Face ByT5 checkpoint folder "
+                     f"(config.json and model.safetensors or pytorch_model.bin), but "
+                     f"paella.byt5_path={path!r} holds no config.json; nothing is downloaded")
+  with open(file) as f:
+    return json.load(f)
+
+
 def build_model(config: ml_collections.ConfigDict) -> paella_unet.PaellaUNet:
   p = config.paella
   _, _, vocab = llamagen_lib.code_geometry(config)
   # The configured source alone: a preset's other mappers (paella_1b's ByT5 and CLIP widths)
   # would be created, decayed and never fed.
+  text_dim = 0
+  if p.cond == "text":
+    text_dim = p.text_width
+  elif p.cond == "byt5":
+    text_dim = byt5_config(p.byt5_path)["d_model"]
   sources = dict(num_classes=config.data.num_classes if p.cond == "class" else 0,
-                 text_dim=p.text_width if p.cond == "text" else 0, clip_dim=0)
+                 text_dim=text_dim, clip_dim=0)
   return paella_unet.make_paella_unet(
       p.preset, num_labels=vocab, mask_token=p.noise == "mask",
       dtype=jnp.dtype(config.train.compute_dtype), **{**sources, **configlib.overrides(p)})
@@ -224,36 +250,42 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   text_encoder = (byte_text.ByteTextEncoder(p.text_width, p.text_depth, p.text_heads,
                                             p.text_max_bytes, jnp.dtype(config.train.compute_dtype))
                   if p.cond == "text" else None)
-  captions = jnp.asarray(caption_ids(p, null)) if p.cond == "text" else None
+  byt5 = (t5_lib.encoder_from_config(byt5_config(p.byt5_path), jnp.dtype(config.train.compute_dtype))
+          if p.cond == "byt5" else None)
+  captions = jnp.asarray(caption_ids(p, null)) if p.cond != "class" else None
   drop_rate = p.label_drop if p.cond == "class" else p.text_drop
 
   def init_params(rng):
     r_model, r_text = jax.random.split(rng)
     x = jnp.zeros((1, side, side), jnp.int32)
-    if text_encoder is None:
+    params = {}
+    if p.cond == "class":
       c = {"labels": jnp.zeros((1,), jnp.int32)}
-      params = {}
     else:
-      params = {"text_encoder": text_encoder.init(r_text, captions[:1])["params"]}
-      c = {"text": jnp.zeros((1, p.text_max_bytes, p.text_width), jnp.float32)}
+      if text_encoder is not None:
+        params["text_encoder"] = text_encoder.init(r_text, captions[:1])["params"]
+      c = {"text": jnp.zeros((1, p.text_max_bytes, model.text_dim), jnp.float32)}
     params["predictor"] = model.init(r_model, x, jnp.ones((1,)), c,
                                      method=paella_unet.PaellaUNet.init_all)["params"]
     return params
 
-  def conditions(params, labels, drop):
+  def conditions(params, labels, drop, frozen=None):
     """labels int [B], drop bool [B] -> (condition tokens [B, S, c_cond], key mask [B, S] or None)."""
     keep_labels = jnp.where(drop, null, labels)
-    if text_encoder is None:
+    if p.cond == "class":
       c = model.apply({"params": params["predictor"]}, labels=keep_labels,
                       method=paella_unet.PaellaUNet.embed_conditions)
       return c, None
     ids = captions[keep_labels]                                           # [B, T]
-    h = text_encoder.apply({"params": params["text_encoder"]}, ids)
+    if byt5 is not None:
+      h = byt5.apply({"params": frozen["text_encoder"]}, ids, ids != byte_text.PAD_ID)
+    else:
+      h = text_encoder.apply({"params": params["text_encoder"]}, ids)
     c = model.apply({"params": params["predictor"]}, text=h,
                     method=paella_unet.PaellaUNet.embed_conditions)
     return c, ids != byte_text.PAD_ID
 
-  def loss_fn(params, batch, rng, step, extras):
+  def loss_fn(params, batch, rng, step, extras, frozen=None):
     del step
     r_level, r_noise, r_drop, r_dropout = jax.random.split(rng, 4)
     codes = batch["codes"].astype(jnp.int32)
@@ -265,21 +297,22 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     else:
       noised, replaced, t = mask_noise(r_noise, codes, vocab)
       weights = replaced
-    c, c_mask = conditions(params, batch["label"], drop_flags(r_drop, b, drop_rate, p.drop_scope))
+    c, c_mask = conditions(params, batch["label"], drop_flags(r_drop, b, drop_rate, p.drop_scope),
+                           frozen)
     logits = model.apply({"params": params["predictor"]}, noised, t, c, c_mask,
                          deterministic=False, rngs={"dropout": r_dropout})
     loss = weighted_ce(logits, codes, weights, p.label_smoothing, per_sample=p.noise == "uniform")
     accuracy = jnp.mean(jnp.argmax(logits, -1) == codes)
     return loss, {"code_accuracy": accuracy, "noised_fraction": jnp.mean(replaced)}, extras
 
-  def sample_codes(params, labels, rng, init_x=None, keep=None):
+  def sample_codes(params, labels, rng, init_x=None, keep=None, frozen=None):
     """labels int32 [B] -> codes int32 [B, h, w] (with `init_x`/`keep`: variations, inpainting)."""
     b = labels.shape[0]
     cfg = float(config.sample.cfg_scale)
     guided = cfg != 1.0
     both = jnp.concatenate([labels, labels]) if guided else labels
     drop = jnp.arange(both.shape[0]) >= b if guided else jnp.zeros((b,), bool)
-    c, c_mask = conditions(params, both, drop)
+    c, c_mask = conditions(params, both, drop, frozen)
 
     def logits_fn(x, t, w):
       if guided:
@@ -306,19 +339,32 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
 
   def generate(params, frozen, batch, rng):
     """Class-conditional samples: labels [B] -> uint8 images [B, H, W, 3]."""
-    codes = sample_codes(params, batch["label"], rng)
-    images = vq.apply({"params": frozen}, codes, method=vq.decode_codes)
+    codes = sample_codes(params, batch["label"], rng, frozen=frozen)
+    images = vq.apply({"params": frozen["vq"]}, codes, method=vq.decode_codes)
     return rec_lib.to_uint8(jnp.clip(images, -1, 1))
 
+  load_vq = frozen_run_loader(p.tokenizer_workdir, "vq", "paella.tokenizer_workdir",
+                              "VQ tokenizer (configs/paella_vq_*.py)")
+
+  def load_frozen(restore_run_params):
+    """{"vq": the tokenizer run's weights (its decoder draws the images), and with cond=byt5
+    "text_encoder": the pretrained ByT5 encoder's}."""
+    frozen = {"vq": load_vq(restore_run_params)}
+    if byt5 is not None:
+      frozen["text_encoder"] = t5_checkpoint.load_hf_t5_encoder(p.byt5_path)[1]
+    return frozen
+
   def init_frozen(rng):
+    r_vq, r_text = jax.random.split(rng)
     size = config.data.image_size
-    return nn.meta.unbox(vq.init(rng, jnp.zeros((1, size, size, 3)))["params"])
+    frozen = {"vq": nn.meta.unbox(vq.init(r_vq, jnp.zeros((1, size, size, 3)))["params"])}
+    if byt5 is not None:
+      frozen["text_encoder"] = nn.meta.unbox(byt5.init(r_text, captions[:1])["params"])
+    return frozen
 
   return Method(name="paella", model=model, init_params=init_params, loss_fn=loss_fn,
                 batch_keys=("codes", "label"), generate=generate, generate_from="labels",
-                load_frozen=frozen_run_loader(p.tokenizer_workdir, "vq", "paella.tokenizer_workdir",
-                                              "VQ tokenizer (configs/paella_vq_*.py)"),
-                init_frozen=init_frozen,
+                load_frozen=load_frozen, init_frozen=init_frozen, loss_reads_frozen=byt5 is not None,
                 check_batch=lambda batch: llamagen_lib.check_code_batch(
                     batch, side, vocab, config, "paella.tokenizer_workdir"),
                 decay_mask=lambda params: jax.tree.map(lambda _: True, params))

@@ -25,6 +25,7 @@ import time
 import jax
 import ml_collections
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ardiff_jax.modes import bench
 from ardiff_jax.parallel import sharding as shd
@@ -78,14 +79,28 @@ def _write(result: dict, workdir: str, topology: str) -> str:
   return path
 
 
+def abstract_frozen(method, mesh):
+  """Shapes of the frozen weights a method's loss reads (`init_frozen` traced, nothing
+  materialised), replicated on the mesh; None when its loss reads none."""
+  if not method.loss_reads_frozen:
+    return None
+  if method.init_frozen is None:
+    raise ValueError(f"method {method.name!r} reads frozen weights in its loss but has no "
+                     "init_frozen to give their shapes")
+  replicated = NamedSharding(mesh, P())
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                      jax.eval_shape(method.init_frozen, jax.random.key(0)))
+
+
 def _compile_step(config: ml_collections.ConfigDict, devices) -> tuple:
   """(experiment, {"fits", "compile_s", and when it fits "memory_per_chip", "flops_per_step",
   "xla_flops_per_chip"} or the compiler's refusal as "error") of the train step on `devices`."""
   exp = build_experiment(config, devices=devices)
   step = jit_train_step(exp.method, exp.tx, exp.schedule, config, exp.mesh, exp.shardings)
   batch = abstract_batch(config, exp.method.batch_keys, exp.mesh)
+  frozen = abstract_frozen(exp.method, exp.mesh)
   t0 = time.time()
-  lowered = step.lower(exp.abstract_state, batch)
+  lowered = step.lower(exp.abstract_state, batch, frozen)
   try:
     compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except
@@ -96,7 +111,7 @@ def _compile_step(config: ml_collections.ConfigDict, devices) -> tuple:
                  "error": str(e).strip().splitlines()[0][:500]}
   return exp, {"fits": True, "compile_s": time.time() - t0,
                "memory_per_chip": memory_report(compiled),
-               "flops_per_step": bench.traced_flops(step, exp.abstract_state, batch),
+               "flops_per_step": bench.traced_flops(step, exp.abstract_state, batch, frozen),
                "xla_flops_per_chip": bench.compiled_flops(compiled)}
 
 

@@ -24,7 +24,7 @@ from ardiff_jax.methods import latent_tokens, llamagen
 from ardiff_jax.parallel import sharding as shd
 from ardiff_jax.train.experiment import build_experiment
 from ardiff_jax.train.loop import train_data_iter
-from ardiff_jax.train.state import init_state, jit_train_step
+from ardiff_jax.train.state import frozen_for_training, init_state, jit_train_step
 
 # Peak dense bf16 FLOP/s per device, from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -109,18 +109,21 @@ def _measure_train_step(config: ml_collections.ConfigDict, local: dict):
   state = init_state(config.seed, exp.method, exp.tx, exp.shardings)
   batch = shd.global_batch({k: local[k] for k in exp.method.batch_keys}, exp.mesh)
   step_fn = jit_train_step(exp.method, exp.tx, exp.schedule, config, exp.mesh, exp.shardings)
+  frozen = frozen_for_training(exp.method, exp.mesh,
+                               exp.method.init_frozen and (lambda: exp.method.init_frozen(
+                                   jax.random.key(1))))
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
+  compiled = step_fn.lower(state, batch, frozen).compile()
   compile_time = time.perf_counter() - t0
   holder = {"state": state}
 
   def one_step():
-    holder["state"], m = compiled(holder["state"], batch)
+    holder["state"], m = compiled(holder["state"], batch, frozen)
     return m
 
   _time(one_step, config.bench.warmup_steps)
   step_time = _time(one_step, config.bench.steps)
-  return exp, holder["state"], compile_time, step_time, traced_flops(step_fn, state, batch)
+  return exp, holder["state"], compile_time, step_time, traced_flops(step_fn, state, batch, frozen)
 
 
 def without_condref(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:

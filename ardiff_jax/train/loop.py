@@ -23,7 +23,7 @@ from ardiff_jax.data import pipeline
 from ardiff_jax.parallel import sharding as shd
 from ardiff_jax.train import checkpoint, metrics as metrics_lib
 from ardiff_jax.train.experiment import Experiment, build_experiment
-from ardiff_jax.train.state import TrainState, init_state, jit_train_step
+from ardiff_jax.train.state import TrainState, frozen_for_training, init_state, jit_train_step
 
 # (sampling params, step) -> scalar metrics: what `eval.every_steps` runs on the in-memory weights.
 EvaluateFn = Callable[[Any, int], dict]
@@ -145,6 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           jax.process_count(), config.seed, start)
       data_iter = train_data_iter(config, reseed=start)
   step_fn = jit_train_step(exp.method, exp.tx, exp.schedule, config, exp.mesh, exp.shardings)
+  frozen = frozen_for_training(exp.method, exp.mesh, lambda: checkpoint.load_frozen(exp.method))
   writer = metrics_lib.MetricWriter(workdir)
   num_params = shd.count_params(state.params)
   logging.info("%s: %s parameters, mesh %s", config.method, f"{num_params:,}", dict(exp.mesh.shape))
@@ -162,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       batch = shd.global_batch({k: local[k] for k in exp.method.batch_keys}, exp.mesh)
       skipped = pipeline.num_skipped_images() - skipped_at_start
       pipeline.check_skipped_fraction(skipped, (step + 1 - start) * local_batch + skipped, max_skipped)
-      state, metrics = step_fn(state, batch)
+      state, metrics = step_fn(state, batch, frozen)
       done = step + 1
       halt = config.nan_policy == "halt" and int(metrics["nonfinite"])
       if done % log_every == 0 or done == num_steps or halt:

@@ -7,7 +7,7 @@ full copy of a large model ever sits on one device.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -74,10 +74,11 @@ def _split_micro(batch: dict, num_micro: int) -> dict:
   return jax.tree.map(lambda x: x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:]), batch)
 
 
-def train_step(state: TrainState, batch: dict, *, method: Method,
+def train_step(state: TrainState, batch: dict, frozen=None, *, method: Method,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                cfg: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
-  """One optimizer update. Pure: state in, state out; metrics are scalars.
+  """One optimizer update. Pure: state in, state out; metrics are scalars. `frozen`: weights the
+  loss reads but never trains (`Method.loss_reads_frozen`, e.g. a pretrained text encoder).
 
   RNG is fold_in(seed, step), so a resumed run draws exactly the numbers an uninterrupted one
   would. With `train.grad_accum_steps` = A > 1 the batch is split into A micro-batches whose
@@ -88,7 +89,7 @@ def train_step(state: TrainState, batch: dict, *, method: Method,
   rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
   ema_in = state.ema_params if method.loss_reads_ema else None
   grad_fn = jax.value_and_grad(
-      lambda p, b, r: _loss_with_aux(method, p, b, r, state.step, state.extras, ema_in),
+      lambda p, b, r: _loss_with_aux(method, p, b, r, state.step, state.extras, ema_in, frozen),
       has_aux=True)
   num_micro = int(cfg.train.grad_accum_steps)
   if num_micro <= 1:
@@ -107,7 +108,7 @@ def train_step(state: TrainState, batch: dict, *, method: Method,
     zeros_g = jax.tree.map(jnp.zeros_like, state.params)
     _, (m0, _) = jax.eval_shape(
         lambda: _loss_with_aux(method, state.params, jax.tree.map(lambda x: x[0], micro), rng,
-                               state.step, state.extras, ema_in))
+                               state.step, state.extras, ema_in, frozen))
     zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
     (loss, metrics, grads, extras), _ = jax.lax.scan(
         body, (jnp.zeros((), jnp.float32), zeros_m, zeros_g, state.extras),
@@ -129,26 +130,57 @@ def train_step(state: TrainState, batch: dict, *, method: Method,
   return new_state, metrics
 
 
-def _loss_with_aux(method, params, batch, rng, step, extras, ema_params=None):
+def _loss_with_aux(method, params, batch, rng, step, extras, ema_params=None, frozen=None):
+  kwargs = {}
   if method.loss_reads_ema:
-    loss, metrics, new_extras = method.loss_fn(params, batch, rng, step, extras,
-                                               ema_params=ema_params)
-  else:
-    loss, metrics, new_extras = method.loss_fn(params, batch, rng, step, extras)
+    kwargs["ema_params"] = ema_params
+  if method.loss_reads_frozen:
+    if frozen is None:
+      raise ValueError(f"method {method.name!r} reads frozen weights in its loss: pass them to the "
+                       "train step (`frozen_for_training`)")
+    kwargs["frozen"] = jax.lax.stop_gradient(frozen)
+  loss, metrics, new_extras = method.loss_fn(params, batch, rng, step, extras, **kwargs)
   return loss, (metrics, new_extras)
 
 
 def jit_train_step(method: Method, tx, schedule, cfg, mesh: Mesh, shardings: TrainState):
-  """The jitted step with explicit in/out shardings and the state donated."""
+  """The jitted step `(state, batch, frozen=None) -> (state, metrics)` with explicit in/out
+  shardings and the state donated; `frozen` (for a method that reads frozen weights in its loss,
+  `frozen_for_training`) is replicated on every device."""
   replicated = NamedSharding(mesh, P())
   data = shd.batch_sharding(mesh)
   rules = tuple(tuple(r) for r in cfg.mesh.rules)
 
-  def step_fn(state, batch):
+  def step_fn(state, batch, frozen=None):
     # The mesh and the rules are visible while tracing, so the models' logical activation
     # constraints (`nn.with_logical_constraint`) become real sharding constraints.
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
-      return train_step(state, batch, method=method, tx=tx, schedule=schedule, cfg=cfg)
+      return train_step(state, batch, frozen, method=method, tx=tx, schedule=schedule, cfg=cfg)
 
-  return jax.jit(step_fn, in_shardings=(shardings, data), out_shardings=(shardings, replicated),
-                 donate_argnums=(0,))
+  return _FrozenDefault(jax.jit(step_fn, in_shardings=(shardings, data, replicated),
+                                out_shardings=(shardings, replicated), donate_argnums=(0,)))
+
+
+class _FrozenDefault:
+  """A jitted `(state, batch, frozen)` step callable (and lowerable) as `(state, batch)`: jit
+  binds no default arguments, and most methods read no frozen weights."""
+
+  def __init__(self, jitted):
+    self.jitted = jitted
+
+  def __call__(self, state, batch, frozen=None):
+    return self.jitted(state, batch, frozen)
+
+  def lower(self, state, batch, frozen=None):
+    return self.jitted.lower(state, batch, frozen)
+
+
+def frozen_for_training(method: Method, mesh: Mesh, load: Callable[[], Any] | None = None):
+  """What the train step's `frozen` argument gets: None for a method whose loss reads no frozen
+  weights; otherwise `load()` (e.g. `checkpoint.load_frozen(method)`, or the method's
+  `init_frozen` for a benchmark) placed on every device of the mesh."""
+  if not method.loss_reads_frozen:
+    return None
+  if load is None:
+    raise ValueError(f"method {method.name!r} reads frozen weights in its loss: give a loader")
+  return jax.device_put(load(), NamedSharding(mesh, P()))

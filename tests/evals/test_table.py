@@ -36,6 +36,16 @@ def test_rows_are_the_mean_and_sample_std_of_the_newest_evaluations(tmp_path):
   assert text.splitlines()[2].startswith("| MAR, probe | 3 | 2.33 ± 1.53 |")
 
 
+def test_a_tagged_evaluation_is_read_with_workdir_at_tag(tmp_path):
+  run = _run(tmp_path, "r", 1.0, 0.9, 10.0, True)
+  with open(os.path.join(run, "eval", "1000_steps8.json"), "w") as f:
+    json.dump({"fd_clf": 7.0, "class_accuracy": 0.5}, f)
+  assert table.row("untagged", [run])[2] == "1.00"
+  assert table.row("8 steps", [run + "@steps8"])[2:4] == ["7.00", "50.0"]
+  with pytest.raises(ValueError, match="eval.tag=steps12"):
+    table.row("12 steps", [run + "@steps12"])
+
+
 def test_bad_arguments_and_unevaluated_runs_say_what_to_do(tmp_path):
   with pytest.raises(ValueError, match="expected LABEL=WORKDIR"):
     table.parse_groups(["no-label"])

@@ -117,8 +117,8 @@ def _codes_batch(config, n=16, seed=0):
           "label": (np.arange(n) % 10).astype(np.int32)}
 
 
-@pytest.mark.parametrize("arg", ["tiny,noise=mask", pytest.param("tiny", marks=pytest.mark.slow),
-                                 pytest.param("tiny,cond=text", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arg", ["tiny,noise=mask", "tiny,cond=text",
+                                 pytest.param("tiny", marks=pytest.mark.slow)])
 def test_training_steps_reduce_the_loss_from_log_v(arg):
   """At init the output logits are 0 (zero-initialised clf): the loss is exactly log V."""
   config = load_config("paella_digits", arg)
@@ -162,6 +162,13 @@ def test_settings_paella_cannot_run_are_refused(field, value, message):
     build_experiment(config)
 
 
+def test_a_missing_byt5_checkpoint_names_the_field(tmp_path):
+  config = load_config("paella_digits", "tiny,cond=byt5")
+  config.paella.byt5_path = str(tmp_path / "nowhere")
+  with pytest.raises(ValueError, match="paella.byt5_path"):
+    build_experiment(config)
+
+
 def test_only_the_configured_condition_source_has_parameters():
   config = load_config("paella_digits", "tiny")
   config.paella.preset = "paella_1b"              # whose preset also names ByT5 and CLIP widths
@@ -182,10 +189,25 @@ def paella_vq_run(tmp_path_factory):
   return workdir
 
 
-@pytest.mark.parametrize("arg", ["tiny,cond=text",
+def _byt5_checkpoint(folder):
+  """A tiny random ByT5-shaped encoder (vocabulary 384: every byte id) saved as a Hugging Face
+  checkpoint folder: config.json and model.safetensors under HF's names."""
+  import json  # pylint: disable=g-import-not-at-top
+  from ardiff_jax.data import safetensors  # pylint: disable=g-import-not-at-top
+  from tests.models.test_t5 import TINY, random_hf_state_dict  # pylint: disable=g-import-not-at-top
+  cfg = {**TINY, "vocab_size": 384, "model_type": "t5"}
+  folder.mkdir()
+  (folder / "config.json").write_text(json.dumps(cfg))
+  safetensors.write_safetensors(str(folder / "model.safetensors"), random_hf_state_dict(cfg))
+  return str(folder)
+
+
+@pytest.mark.parametrize("arg", ["tiny,cond=byt5", pytest.param("tiny,cond=text", marks=pytest.mark.slow),
                                  pytest.param("tiny,noise=mask", marks=pytest.mark.slow)])
 def test_paella_trains_and_samples_on_the_paella_vq_run(paella_vq_run, tmp_path, arg):
   config = load_config("paella_digits", f"{arg},vq={paella_vq_run}")
+  if config.paella.cond == "byt5":   # the text encoder is read from the checkpoint, frozen
+    config.paella.byt5_path = _byt5_checkpoint(tmp_path / "byt5")
   main_lib.run(config, str(tmp_path), "train")
   summary = main_lib.run(config, str(tmp_path), "sample")
   import os  # pylint: disable=g-import-not-at-top

@@ -196,6 +196,7 @@ def test_the_method_keeps_batch_norm_statistics_in_extras_for_sampling():
     vq_tokenizer.build_vq(bad)
 
 
+@pytest.mark.slow   # make test trains and caches this run for tests/methods/test_paella.py
 def test_tiny_paella_vq_run_trains_and_caches_codes_with_running_statistics(tmp_path):
   config = load_config("paella_vq_digits", "tiny")
   config.train.num_steps = 2                                           # one checkpoint, at step 2

@@ -104,3 +104,36 @@ def test_warmup_then_cosine_schedule():
   np.testing.assert_allclose(float(s(10)), 1.0, rtol=1e-6)
   np.testing.assert_allclose(float(s(60)), 0.1 + 0.9 * 0.5, rtol=1e-5)
   np.testing.assert_allclose(float(s(110)), 0.1, rtol=1e-5)
+
+
+def test_frozen_weights_reach_the_loss_unchanged_and_untrained():
+  """A method whose loss reads frozen weights: loss = mean_b ‖x_b W − x_b W_f‖² with W_f frozen.
+  SGD (plain, lr η) on it: W ← W − η·2/B·Xᵀ X (W − W_f), checked in float64; W_f never moves."""
+  target = np.random.default_rng(3).normal(size=(D, 1)).astype(np.float32)
+
+  def loss_fn(params, batch, rng, step, extras, frozen):
+    diff = batch["x"] @ params["w"] - batch["x"] @ frozen["w"]
+    return jnp.mean(jnp.sum(diff ** 2, -1)), {}, extras
+
+  method = Method("frozen_toy", None, lambda rng: {"w": jnp.zeros((D, 1))}, loss_fn,
+                  batch_keys=("x",), loss_reads_frozen=True,
+                  init_frozen=lambda rng: {"w": jnp.zeros((D, 1))})
+  config = toy_config(lr=0.05, ema=0.0)
+  config.optim.b1 = 0.0                                  # Adam with β1 0 still rescales: use SGD
+  mesh = mesh_lib.make_mesh((-1, 1, 1), ("data", "fsdp", "tensor"))
+  import optax  # pylint: disable=g-import-not-at-top
+  tx, sched = optax.sgd(0.05), optax.constant_schedule(0.05)
+  _, shardings = state_shardings(method, tx, mesh, configlib.DEFAULT_RULES)
+  state = init_state(0, method, tx, shardings)
+  step = jit_train_step(method, tx, sched, config, mesh, shardings)
+  from ardiff_jax.train.state import frozen_for_training  # pylint: disable=g-import-not-at-top
+  frozen = frozen_for_training(method, mesh, lambda: {"w": target})
+  x = data(1)[0]["x"]
+  state, _ = step(state, shd.global_batch({"x": x}, mesh), frozen)
+  xd = x.astype(np.float64)
+  want = -0.05 * 2 / 16 * xd.T @ xd @ (np.zeros((D, 1)) - target)
+  np.testing.assert_allclose(jax.device_get(state.params["w"]), want, rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(jax.device_get(frozen["w"]), target)
+  with pytest.raises(ValueError, match="frozen weights"):
+    step(state, shd.global_batch({"x": x}, mesh))       # forgot to pass them
+  assert frozen_for_training(toy_method(), mesh, None) is None
