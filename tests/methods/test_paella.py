@@ -117,7 +117,7 @@ def _codes_batch(config, n=16, seed=0):
           "label": (np.arange(n) % 10).astype(np.int32)}
 
 
-@pytest.mark.parametrize("arg", ["tiny,noise=mask", "tiny,cond=text",
+@pytest.mark.parametrize("arg", ["tiny,noise=mask", pytest.param("tiny,cond=text", marks=pytest.mark.slow),
                                  pytest.param("tiny", marks=pytest.mark.slow)])
 def test_training_steps_reduce_the_loss_from_log_v(arg):
   """At init the output logits are 0 (zero-initialised clf): the loss is exactly log V."""
