@@ -220,3 +220,16 @@ def test_tiny_paella_vq_run_trains_and_caches_codes_with_running_statistics(tmp_
   images = next(iter(pipeline.make_dataset(data, split="test", seed=0, batch_size=8, train=False)))
   want = jax.jit(exp.method.encode)(params, jnp.asarray(images["image"]))
   np.testing.assert_array_equal(codes.reshape(8, -1, 4, 4)[:, 0], np.asarray(want))
+
+
+def test_codebook_init_uniform_as_pytorch_tools_or_normal_as_the_latent():
+  def book(init):   # only the codebook is created: init through embed_codes
+    model = paella_vq.make_paella_vq("paella_tiny", codebook_size=2048, codebook_init=init)
+    ids = jnp.zeros((1, 1, 1), jnp.int32)
+    return np.asarray(nn.meta.unbox(model.init(jax.random.key(0), ids, method=model.embed_codes)
+                                    )["params"]["codebook"])
+
+  assert np.abs(book("uniform")).max() <= 1 / 2048                  # pytorch-tools: uniform(±1/K)
+  assert 0.95 < book("normal").std() < 1.05                          # N(0, 1), as the BN'd latent
+  with pytest.raises(ValueError, match="codebook_init"):
+    book("kmeans")
