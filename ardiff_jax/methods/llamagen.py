@@ -14,7 +14,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from ardiff_jax import configlib
@@ -61,37 +60,9 @@ def llamagen_base_config(preset: str, batch_size: int) -> ml_collections.ConfigD
   return c
 
 
-def code_geometry(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(codes per side h, sequence length L = h², vocabulary V) of the configured VQ tokenizer."""
-  vq = vq_tokenizer.build_vq(config.tokenizer)
-  if config.data.image_size % vq.stride:
-    raise ValueError(f"data.image_size={config.data.image_size} is not a multiple of the VQ "
-                     f"tokenizer's stride {vq.stride}")
-  side = config.data.image_size // vq.stride
-  return side, side * side, vq.codebook_size
-
-
-def check_code_batch(batch, side: int, vocab: int, config: ml_collections.ConfigDict,
-                     field: str) -> None:
-  """Host-side check of a first batch of cached codes: integer codes of the configured VQ
-  tokenizer's grid (side × side) and vocabulary, or a ValueError naming the fix (`field` is the
-  config field that names the tokenizer run)."""
-  codes = np.asarray(batch["codes"])
-  if codes.dtype.kind not in "iu":
-    raise ValueError(f"{config.method} reads integer codes; the cache holds {codes.dtype} values")
-  if codes.shape[1:] != (side, side):
-    raise ValueError(f"the cached codes are {codes.shape[1:]} grids, but the VQ tokenizer at "
-                     f"data.image_size={config.data.image_size} gives {side}×{side}: cache with "
-                     f"the tokenizer run named in {field}")
-  if codes.min() < 0 or codes.max() >= vocab:
-    raise ValueError(f"cached codes span [{codes.min()}, {codes.max()}] but the VQ tokenizer has "
-                     f"{vocab} codes (tokenizer.preset={config.tokenizer.preset!r}): cache with "
-                     f"the tokenizer run named in {field}")
-
-
 def build_model(config: ml_collections.ConfigDict) -> gpt_lib.GPT:
   g = config.llamagen
-  _, seq_len, vocab = code_geometry(config)
+  _, seq_len, vocab = vq_tokenizer.code_geometry(config)
   return gpt_lib.make_gpt(g.preset, token_dim=0, seq_len=seq_len, vocab_size=vocab,
                           num_classes=config.data.num_classes, remat=g.remat,
                           scan_layers=g.scan_layers, dtype=jnp.dtype(config.train.compute_dtype),
@@ -101,7 +72,7 @@ def build_model(config: ml_collections.ConfigDict) -> gpt_lib.GPT:
 def make_method(config: ml_collections.ConfigDict) -> Method:
   g = config.llamagen
   model = build_model(config)
-  side, seq_len, vocab = code_geometry(config)
+  side, seq_len, vocab = vq_tokenizer.code_geometry(config)
   vq = vq_tokenizer.build_vq(config.tokenizer)
   null = config.data.num_classes
 
@@ -150,6 +121,6 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
                 load_frozen=frozen_run_loader(g.tokenizer_workdir, "vq", "llamagen.tokenizer_workdir",
                                               "VQ tokenizer (configs/vq_*.py)"),
                 init_frozen=init_frozen,
-                check_batch=lambda batch: check_code_batch(batch, side, vocab, config,
+                check_batch=lambda batch: vq_tokenizer.check_code_batch(batch, side, vocab, config,
                                                            "llamagen.tokenizer_workdir"),
                 probe_features=probe_features)

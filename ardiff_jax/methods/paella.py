@@ -57,7 +57,6 @@ import optax
 
 from ardiff_jax import configlib
 from ardiff_jax.methods import Method, frozen_run_loader
-from ardiff_jax.methods import llamagen as llamagen_lib
 from ardiff_jax.methods import reconstruction as rec_lib
 from ardiff_jax.methods import vq_tokenizer
 from ardiff_jax.models import byte_text
@@ -225,7 +224,7 @@ def byt5_config(path: str) -> dict:
 
 def build_model(config: ml_collections.ConfigDict) -> paella_unet.PaellaUNet:
   p = config.paella
-  _, _, vocab = llamagen_lib.code_geometry(config)
+  _, _, vocab = vq_tokenizer.code_geometry(config)
   # The configured source alone: a preset's other mappers (paella_1b's ByT5 and CLIP widths)
   # would be created, decayed and never fed.
   text_dim = 0
@@ -244,7 +243,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   check_paella_config(config)
   p = config.paella
   model = build_model(config)
-  side, _, vocab = llamagen_lib.code_geometry(config)
+  side, _, vocab = vq_tokenizer.code_geometry(config)
   vq = vq_tokenizer.build_vq(config.tokenizer)
   null = config.data.num_classes
   text_encoder = (byte_text.ByteTextEncoder(p.text_width, p.text_depth, p.text_heads,
@@ -365,6 +364,6 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   return Method(name="paella", model=model, init_params=init_params, loss_fn=loss_fn,
                 batch_keys=("codes", "label"), generate=generate, generate_from="labels",
                 load_frozen=load_frozen, init_frozen=init_frozen, loss_reads_frozen=byt5 is not None,
-                check_batch=lambda batch: llamagen_lib.check_code_batch(
+                check_batch=lambda batch: vq_tokenizer.check_code_batch(
                     batch, side, vocab, config, "paella.tokenizer_workdir"),
                 decay_mask=lambda params: jax.tree.map(lambda _: True, params))

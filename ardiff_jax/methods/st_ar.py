@@ -51,7 +51,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from ardiff_jax.methods import Method, llamagen
+from ardiff_jax.methods import Method, llamagen, vq_tokenizer
 from ardiff_jax.models import gpt as gpt_lib
 from ardiff_jax.models import vit
 
@@ -196,7 +196,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   views = int(config.data.views)
   if views != 2:
     raise ValueError(f"method=st_ar trains on two views per image: set data.views=2 (got {views})")
-  side, seq_len, _ = llamagen.code_geometry(config)
+  side, seq_len, _ = vq_tokenizer.code_geometry(config)
   layer = check_settings(s, model.depth, seq_len)
   projector = Projector(hidden=int(s.projector_hidden), out=model.width,
                         layers=int(s.projector_layers))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from ardiff_jax import configlib
 from ardiff_jax.methods import Method
@@ -56,6 +57,34 @@ def build_vq(tcfg: ml_collections.ConfigDict, compute_dtype: str = "float32"
 def uses_batch_norm(vq) -> bool:
   """Whether the VQ model's encoder carries BatchNorm statistics (Paella's VQGAN)."""
   return isinstance(vq, paella_vq.PaellaVQModel)
+
+
+def code_geometry(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(codes per side h, sequence length L = h², vocabulary V) of the configured VQ tokenizer."""
+  vq = build_vq(config.tokenizer)
+  if config.data.image_size % vq.stride:
+    raise ValueError(f"data.image_size={config.data.image_size} is not a multiple of the VQ "
+                     f"tokenizer's stride {vq.stride}")
+  side = config.data.image_size // vq.stride
+  return side, side * side, vq.codebook_size
+
+
+def check_code_batch(batch, side: int, vocab: int, config: ml_collections.ConfigDict,
+                     field: str) -> None:
+  """Host-side check of a first batch of cached codes: integer codes of the configured VQ
+  tokenizer's grid (side × side) and vocabulary, or a ValueError naming the fix (`field` is the
+  config field that names the tokenizer run)."""
+  codes = np.asarray(batch["codes"])
+  if codes.dtype.kind not in "iu":
+    raise ValueError(f"{config.method} reads integer codes; the cache holds {codes.dtype} values")
+  if codes.shape[1:] != (side, side):
+    raise ValueError(f"the cached codes are {codes.shape[1:]} grids, but the VQ tokenizer at "
+                     f"data.image_size={config.data.image_size} gives {side}×{side}: cache with "
+                     f"the tokenizer run named in {field}")
+  if codes.min() < 0 or codes.max() >= vocab:
+    raise ValueError(f"cached codes span [{codes.min()}, {codes.max()}] but the VQ tokenizer has "
+                     f"{vocab} codes (tokenizer.preset={config.tokenizer.preset!r}): cache with "
+                     f"the tokenizer run named in {field}")
 
 
 def make_method(config: ml_collections.ConfigDict) -> Method:

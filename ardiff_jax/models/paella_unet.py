@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from ardiff_jax.models import vit
-from ardiff_jax.pixels import pixel_shuffle, pixel_unshuffle
+from ardiff_jax.feature_maps import layer_norm, pixel_shuffle, pixel_unshuffle
 
 _XAVIER = nn.initializers.xavier_uniform()
 _ZEROS = nn.initializers.zeros_init()
@@ -86,14 +86,6 @@ def r_embedding(r: jax.Array, c_r: int, max_positions: int = 10000) -> jax.Array
   arg = (r.astype(jnp.float32) * max_positions)[:, None] * freq[None, :]
   emb = jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], axis=-1)
   return jnp.pad(emb, ((0, 0), (0, c_r % 2)))
-
-
-def layer_norm(x: jax.Array, eps: float = _EPS) -> jax.Array:
-  """LayerNorm without affine over the last axis (channels: LN2d in NHWC), in float32."""
-  x = x.astype(jnp.float32)
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
 def _scaled(init, scale: float):

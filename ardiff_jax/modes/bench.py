@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ardiff_jax.methods import latent_tokens, llamagen
+from ardiff_jax.methods import latent_tokens, vq_tokenizer
 from ardiff_jax.parallel import sharding as shd
 from ardiff_jax.train.experiment import build_experiment
 from ardiff_jax.train.loop import train_data_iter
@@ -156,7 +156,7 @@ def batch_shapes(config: ml_collections.ConfigDict, batch_keys, batch_size: int)
     side = size // 2 ** (len(ae.enc_ch_mult) - 1)
     shapes["moments"] = ((b, side, side, 2 * ae.embed_dim), np.float32)
   if "codes" in batch_keys:
-    side, _, _ = llamagen.code_geometry(config)
+    side, _, _ = vq_tokenizer.code_geometry(config)
     views = int(config.data.views)
     shapes["codes"] = ((b, side, side) if views == 1 else (b, views, side, side), np.int32)
   missing = [k for k in batch_keys if k not in shapes]
@@ -180,7 +180,7 @@ def synthetic_batch(config: ml_collections.ConfigDict, batch_keys, batch_size: i
     elif k == "label":
       out[k] = rng.integers(0, config.data.num_classes, shape).astype(dtype)
     elif k == "codes":
-      out[k] = rng.integers(0, llamagen.code_geometry(config)[2], shape).astype(dtype)
+      out[k] = rng.integers(0, vq_tokenizer.code_geometry(config)[2], shape).astype(dtype)
     else:
       out[k] = np.arange(shape[0], dtype=dtype)
   return out

@@ -60,7 +60,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ardiff_jax.pixels import pixel_shuffle, pixel_unshuffle
+from ardiff_jax.feature_maps import layer_norm, pixel_shuffle, pixel_unshuffle
 from ardiff_jax.tokenizers.kl import conv
 from ardiff_jax.tokenizers.vq import codebook_init, lookup_table, nearest_codes, straight_through
 
@@ -78,14 +78,6 @@ _CONV_KERNEL = (None, None, "conv_in", "conv_out")
 def replication_pad(x: jax.Array, pad: int) -> jax.Array:
   """torch's ReplicationPad2d(pad) in NHWC: [B,H,W,C] -> [B,H+2p,W+2p,C], edges repeated."""
   return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
-
-
-def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """LayerNorm over the last (channel) axis without affine, in fp32 (two-pass variance)."""
-  x = x.astype(jnp.float32)
-  mean = jnp.mean(x, -1, keepdims=True)
-  var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
 def _batch_constraint(x: jax.Array) -> jax.Array:

@@ -9,7 +9,7 @@ import pytest
 from scipy.special import erf
 
 from ardiff_jax import main
-from ardiff_jax import pixels
+from ardiff_jax import feature_maps
 from ardiff_jax.data import pipeline
 from ardiff_jax.methods import vq_tokenizer
 from ardiff_jax.tokenizers import paella_vq
@@ -47,15 +47,15 @@ def _torch_pixel_shuffle(x, r):
 def test_pixel_shuffles_follow_torchs_channel_order_and_invert_each_other(r):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 2 * r, 3 * r, 5))                          # NHWC
-  down = np.asarray(pixels.pixel_unshuffle(jnp.asarray(x), r))
+  down = np.asarray(feature_maps.pixel_unshuffle(jnp.asarray(x), r))
   np.testing.assert_array_equal(down, nhwc(_torch_pixel_unshuffle(nchw(x), r)).astype(np.float32))
   y = rng.normal(size=(2, 3, 4, 5 * r * r))
-  up = np.asarray(pixels.pixel_shuffle(jnp.asarray(y), r))
+  up = np.asarray(feature_maps.pixel_shuffle(jnp.asarray(y), r))
   np.testing.assert_array_equal(up, nhwc(_torch_pixel_shuffle(nchw(y), r)).astype(np.float32))
-  back = pixels.pixel_shuffle(pixels.pixel_unshuffle(jnp.asarray(x, jnp.float32), r), r)
+  back = feature_maps.pixel_shuffle(feature_maps.pixel_unshuffle(jnp.asarray(x, jnp.float32), r), r)
   np.testing.assert_array_equal(np.asarray(back), x.astype(np.float32))
   with pytest.raises(ValueError, match="not a multiple of"):
-    pixels.pixel_unshuffle(jnp.zeros((1, r + 1, r, 1)), r)
+    feature_maps.pixel_unshuffle(jnp.zeros((1, r + 1, r, 1)), r)
 
 
 def test_replication_pad_repeats_the_edges():

@@ -79,7 +79,7 @@ def test_condref_share_compiles_the_step_with_and_without_refinement():
 def test_synthetic_bench_batch_has_the_compiled_shapes():
   """`bench.synthetic_data` times the step on a random batch of exactly the shapes `--mode aot`
   compiles, with labels and codes in range (a lent GPU needs no dataset)."""
-  from ardiff_jax.methods import llamagen  # pylint: disable=g-import-not-at-top
+  from ardiff_jax.methods import vq_tokenizer  # pylint: disable=g-import-not-at-top
   from ardiff_jax.modes import aot, bench  # pylint: disable=g-import-not-at-top
   from ardiff_jax.train.experiment import build_experiment  # pylint: disable=g-import-not-at-top
   for name in ("llamagen_digits", "mar_digits"):
@@ -94,4 +94,4 @@ def test_synthetic_bench_batch_has_the_compiled_shapes():
         k: (v.shape, v.dtype) for k, v in spec.items()}
     assert 0 <= batch["label"].min() and batch["label"].max() < config.data.num_classes
     if "codes" in batch:
-      assert batch["codes"].max() < llamagen.code_geometry(config)[2]
+      assert batch["codes"].max() < vq_tokenizer.code_geometry(config)[2]
