@@ -35,3 +35,19 @@ def cache_test_split(config, workdir: str, cache_dir: str, batch_size: int = 8):
   cached.source, cached.path = "cached", cache_dir
   return counts, next(iter(pipeline.make_dataset(cached, split="test", seed=0,
                                                  batch_size=batch_size, train=False)))
+
+
+def write_hf_folder(folder, state_dict: dict, config: dict, weights: str = "model.safetensors") -> str:
+  """A Hugging Face checkpoint folder as `save_pretrained` writes it: config.json and the tensors
+  (HF names) as model.safetensors or a torch zip pytorch_model.bin. -> the folder's path."""
+  import json  # pylint: disable=g-import-not-at-top
+  from ardiff_jax.data import safetensors  # pylint: disable=g-import-not-at-top
+  from tests.evals import torch_files  # pylint: disable=g-import-not-at-top
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "config.json"), "w") as fh:
+    json.dump(config, fh)
+  if weights == "model.safetensors":
+    safetensors.write_safetensors(os.path.join(folder, weights), state_dict, metadata={"format": "pt"})
+  else:
+    torch_files.save_zip(os.path.join(folder, weights), state_dict)
+  return str(folder)

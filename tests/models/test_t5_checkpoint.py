@@ -10,7 +10,7 @@ import pytest
 
 from ardiff_jax.models import t5_checkpoint as convert
 from ardiff_jax.data import safetensors
-from tests.evals import torch_files
+from tests.helpers import write_hf_folder
 from tests.models.test_t5 import TINY, random_hf_state_dict, reference_encoder
 
 CONFIG = {**{k: v for k, v in TINY.items() if k != "relative_attention_max_distance"},
@@ -27,13 +27,8 @@ def _with_decoder(sd, seed=5):
   return {**sd, **{k: v.astype(np.float32) for k, v in extra.items()}}
 
 
-def _checkpoint(tmp_path, sd, config=CONFIG, weights="model.safetensors"):
-  (tmp_path / "config.json").write_text(json.dumps(config))
-  if weights == "model.safetensors":
-    safetensors.write_safetensors(str(tmp_path / weights), sd, metadata={"format": "pt"})
-  else:
-    torch_files.save_zip(str(tmp_path / weights), sd)
-  return str(tmp_path)
+def _checkpoint(path, sd, config=CONFIG, weights="model.safetensors"):
+  return write_hf_folder(path, sd, config, weights)
 
 
 def _ids():
@@ -138,7 +133,7 @@ def test_loader_errors(tmp_path):
   d = tmp_path / "umt5_like"
   d.mkdir()
   extra = "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"
-  with pytest.raises(ValueError, match=f"unexpected encoder tensors.*{extra}"):
+  with pytest.raises(ValueError, match=f"unexpected tensors.*{extra}"):
     convert.load_hf_t5_encoder(_checkpoint(d, {**sd, extra: np.ones((8, 2), np.float32)}))
   d = tmp_path / "bad_dtype"
   d.mkdir()
