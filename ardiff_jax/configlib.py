@@ -115,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip_norm = 0.0        # 0: no clipping
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "digits"            # digits | folder | tfds | cached
+  c.data.source = "digits"            # digits | folder | tfds | cached | coco
   c.data.path = ""
   c.data.tfds_name = ""
   c.data.train_split = "train"
@@ -127,6 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.digits_test_fraction = 0.2
   c.data.num_workers = 0
   c.data.max_skipped_fraction = 0.1   # stop when more than this fraction of images read is unreadable
+  c.data.caption_max_ids = 256        # coco: ByT5 ids per caption, </s> included (longer ones are cut)
+  c.data.clip_tokenizer = ""          # coco: a CLIP folder (vocab.json, merges.txt) -> items get clip_ids
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)           # sizes of ("data", "fsdp", "tensor"); -1 fills the rest

@@ -32,11 +32,11 @@ from typing import Any
 import grain
 import numpy as np
 
-from ardiff_jax.data import sources
+from ardiff_jax.data import captions, sources
 from ardiff_jax.data import transforms
 
 _LOG = logging.getLogger(__name__)
-SOURCES = ("digits", "folder", "tfds", "cached")
+SOURCES = ("digits", "folder", "tfds", "cached", "coco")
 # Marker key of an element whose image could not be decoded; its value names it.
 _UNREADABLE = "_unreadable"
 # Salt separating the flip stream from any other use of (seed, index).
@@ -116,8 +116,9 @@ def flip_coin(seed: int, index: int) -> bool:
 
 
 def _decode_image(index: int, record: dict[str, Any], *, image_size: int,
-                  flip_seed: int | None) -> dict[str, Any]:
-  """Record -> {"image": uint8 [S, S, 3], "label": int}, or an unreadable marker.
+                  flip_seed: int | None, caption_ids=None) -> dict[str, Any]:
+  """Record -> {"image": uint8 [S, S, 3], "label": int}, or an unreadable marker; a captioned
+  record adds `caption_ids(record["caption"])` ({"caption_ids", "clip_ids"}, data/captions.py).
 
   `flip_seed=None` disables flipping; otherwise the flip depends on (seed, index).
   """
@@ -127,7 +128,10 @@ def _decode_image(index: int, record: dict[str, Any], *, image_size: int,
     return {_UNREADABLE: sources.record_name(record), "error": f"{type(error).__name__}: {error}"}
   if flip_seed is not None and flip_coin(flip_seed, index):
     image = transforms.hflip(image)
-  return {"image": image, "label": record["label"]}
+  out = {"image": image, "label": record["label"]}
+  if caption_ids is not None and "caption" in record:
+    out.update(caption_ids(record["caption"]))
+  return out
 
 
 def _select_view(index: int, record: dict[str, Any], *, flip_seed: int | None,
@@ -181,6 +185,9 @@ def _finalize_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   int32), label int32 [b], index int32 [b] (each example's position in its source split)."""
   out = {"label": np.asarray(batch["label"], dtype=np.int32),
          "index": np.asarray(batch["index"], dtype=np.int32)}
+  for key in ("caption_ids", "clip_ids"):
+    if key in batch:
+      out[key] = np.asarray(batch[key], dtype=np.int32)
   if "image" in batch:
     out["image"] = transforms.to_unit_range(batch["image"])
   elif "codes" in batch:
@@ -209,6 +216,8 @@ def class_names(data_cfg) -> list[str]:
     return sources.folder_class_names(data_cfg.path, split)
   if source == "tfds":
     return sources.tfds_class_names(data_cfg.tfds_name, data_cfg.path)
+  if source == "coco":
+    return ["image"]
   return [str(i) for i in range(data_cfg.num_classes)]  # cached: ids only
 
 
@@ -217,7 +226,7 @@ def num_source_classes(data_cfg, source) -> int | None:
   one, from the labels of up to LABEL_PROBE records), or None where it is not known."""
   if data_cfg.source == "digits":
     return sources.DIGITS_NUM_CLASSES
-  if data_cfg.source == "folder":
+  if data_cfg.source in ("folder", "coco"):
     return len(source.class_names)
   if data_cfg.source == "tfds":
     return len(sources.tfds_class_names(data_cfg.tfds_name, data_cfg.path))
@@ -266,6 +275,8 @@ def make_source(data_cfg, split: str, seed: int):
     return sources.FolderSource(data_cfg.path, split, names)
   if source == "tfds":
     return sources.TfdsSource(data_cfg.tfds_name, split, data_cfg.path)
+  if source == "coco":
+    return sources.CocoCaptionsSource(data_cfg.path, split)
   return sources.CachedSource(data_cfg.path, split)
 
 
@@ -301,7 +312,10 @@ def _global_map_dataset(data_cfg, source, *, seed: int, train: bool) -> grain.Ma
     decode = functools.partial(_select_view, flip_seed=flip_seed, views=views,
                                view_seed=seed if train else None)
   else:
-    decode = functools.partial(_decode_image, image_size=data_cfg.image_size, flip_seed=flip_seed)
+    ids = (captions.caption_encoder(int(data_cfg.caption_max_ids), data_cfg.clip_tokenizer)
+           if data_cfg.source == "coco" else None)
+    decode = functools.partial(_decode_image, image_size=data_cfg.image_size, flip_seed=flip_seed,
+                               caption_ids=ids)
   return ds.map_with_index(functools.partial(_decode_with_id, decode=decode))
 
 

@@ -5,6 +5,7 @@ Each source returns one record (a dict) per index; the pipeline decodes it:
   DigitsSource  {"image": uint8 [S, S, 3], "label": int}    (already final)
   FolderSource  {"path": str, "label": int}                  (decoded lazily)
   TfdsSource    {"image": uint8 array or encoded bytes, "label": int, "key": str}
+  CocoCaptionsSource {"path": str, "label": 0, "caption": str}   one record per (image, caption)
   CachedSource  {"moments": f32 [h, w, 2C], "moments_flip": f32 [h, w, 2C], "label": int}
                 (continuous tokenizers) or {"codes": int [V, h, w], "label": int} (VQ tokenizers:
                 V views of the image, e.g. it and its mirror image, or LlamaGen's ten crops)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import json
 import os
 import struct
 from typing import Any, Iterable, Mapping
@@ -162,6 +164,44 @@ class FolderSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     return {"path": self._paths[index], "label": int(self._labels[index])}
+
+
+# --------------------------------------------------------------------- coco
+def coco_files(root: str, split: str) -> tuple[str, str]:
+  """(captions JSON, image folder) of a COCO 2017 split: annotations/captions_{split}2017.json
+  and {split}2017/, as cocodataset.org's zips unpack."""
+  return (os.path.join(root, "annotations", f"captions_{split}2017.json"),
+          os.path.join(root, f"{split}2017"))
+
+
+class CocoCaptionsSource:
+  """COCO captions: one record per (image, caption) pair, so an epoch shows each image with each
+  of its (about five) captions; {"path", "label": 0, "caption"}. Records are ordered by image id,
+  then annotation id. Splits are COCO's names: train, val."""
+
+  def __init__(self, root: str, split: str):
+    annotations, images = coco_files(root, split)
+    if not os.path.isfile(annotations):
+      raise ValueError(f"data.source='coco' reads {annotations!r}, which does not exist: point "
+                       f"data.path at a COCO 2017 folder holding annotations/captions_{{train,val}}"
+                       f"2017.json and {{train,val}}2017/ (split {split!r}; splits are train and val)")
+    with open(annotations, encoding="utf-8") as fh:
+      meta = json.load(fh)
+    files = {im["id"]: im["file_name"] for im in meta.get("images", [])}
+    pairs = sorted((a["image_id"], a["id"], a["caption"]) for a in meta.get("annotations", [])
+                   if a.get("image_id") in files)
+    if not pairs:
+      raise ValueError(f"{annotations!r} holds no captions of its images: not a COCO captions file")
+    self._records = [(os.path.join(images, files[image]), caption.strip())
+                     for image, _, caption in pairs]
+    self.class_names = ["image"]
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    path, caption = self._records[index]
+    return {"path": path, "label": 0, "caption": caption}
 
 
 # --------------------------------------------------------------------- tfds

@@ -56,17 +56,20 @@ import numpy as np
 import optax
 
 from ardiff_jax import configlib
-from ardiff_jax.methods import Method, frozen_run_loader
+from ardiff_jax.methods import Method
 from ardiff_jax.methods import reconstruction as rec_lib
 from ardiff_jax.methods import vq_tokenizer
+from ardiff_jax.data import clip_bpe
 from ardiff_jax.models import byte_text
+from ardiff_jax.models import clip as clip_lib
+from ardiff_jax.models import clip_checkpoint
 from ardiff_jax.models import paella_unet
 from ardiff_jax.models import t5 as t5_lib
 from ardiff_jax.models import t5_checkpoint
 from ardiff_jax.sampling import paella as sampler
 
 NOISES = ("uniform", "mask")
-CONDS = ("class", "text", "byt5")
+CONDS = ("class", "text", "byt5", "byt5+clip")
 DROP_SCOPES = ("batch", "sample")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                    "truck")
@@ -82,13 +85,16 @@ def paella_config(preset: str = "paella_1b") -> ml_collections.ConfigDict:
   p.t_min = 0.001                 # noise=uniform: t = clip(1 − U + t_min, t_min, 1)
   p.loss_weight_floor = 0.3       # noise=uniform: η, the weight of clean tokens at t = 0
   p.label_smoothing = 0.1
-  p.cond = "class"                # class | text
+  p.cond = "class"                # class | text | byt5 | byt5+clip (data.source=coco)
   p.label_drop = 0.1              # cond=class: null-class probability (ours; Paella's text: 0.05)
   p.text_drop = 0.05              # cond=text: empty-caption probability (Paella's ByT5 dropout)
   p.drop_scope = "batch"          # batch (Paella: one draw per batch) | sample
   p.caption_template = "a photo of a {}"
   p.class_names = CIFAR10_CLASSES
   p.byt5_path = ""                # cond=byt5: a local Hugging Face ByT5 (or T5) checkpoint folder
+  p.clip_path = ""                # cond=byt5+clip: a local Hugging Face CLIP folder (CLIP-H)
+  p.clip_text_drop = 0.9          # cond=byt5+clip: CLIP text -> "" (Paella's p)
+  p.clip_image_drop = 0.9         # cond=byt5+clip: CLIP image tokens left out (Paella uses them w.p. 0.1)
   p.text_max_bytes = 32           # caption bytes with </s> (longer captions are cut; Paella: 768)
   p.text_width = 128              # the byte-level encoder (models/byte_text.py)
   p.text_depth = 2
@@ -204,11 +210,33 @@ def check_paella_config(config: ml_collections.ConfigDict) -> None:
                               ("drop_scope", p.drop_scope, DROP_SCOPES)):
     if value not in valid:
       raise ValueError(f"paella.{field}={value!r}; valid: {valid}")
-  for field in ("label_drop", "text_drop"):
+  for field in ("label_drop", "text_drop", "clip_text_drop", "clip_image_drop"):
     if not 0.0 <= p[field] < 1.0:
       raise ValueError(f"paella.{field}={p[field]} must be in [0, 1)")
   if p.steps < 1:
     raise ValueError(f"paella.steps={p.steps} must be ≥ 1")
+  captioned = config.data.source == "coco"
+  if captioned and p.cond == "class":
+    raise ValueError("data.source='coco' holds captions, not classes: set paella.cond to text, "
+                     "byt5 or byt5+clip")
+  if p.cond == "byt5+clip" and not captioned:
+    raise ValueError("paella.cond='byt5+clip' embeds each training image with CLIP: it needs "
+                     "images and captions, data.source='coco' (cached codes hold neither)")
+  if captioned and p.cond == "byt5+clip" and config.data.clip_tokenizer != p.clip_path:
+    raise ValueError(f"data.clip_tokenizer={config.data.clip_tokenizer!r} must name the CLIP folder "
+                     f"paella.clip_path={p.clip_path!r}: its vocabulary tokenizes the captions")
+  if captioned and p.cond == "text" and config.data.caption_max_ids > p.text_max_bytes:
+    raise ValueError(f"data.caption_max_ids={config.data.caption_max_ids} exceeds the byte "
+                     f"encoder's paella.text_max_bytes={p.text_max_bytes}: raise the latter")
+
+
+def clip_config(path: str) -> dict:
+  """The config.json of the local CLIP folder named by `paella.clip_path`."""
+  if not path or not os.path.isfile(os.path.join(path, "config.json")):
+    raise ValueError(f"paella.cond='byt5+clip' reads a local Hugging Face CLIP folder (a CLIPModel: "
+                     f"config.json, model.safetensors or pytorch_model.bin, vocab.json, merges.txt), "
+                     f"but paella.clip_path={path!r} holds no config.json; nothing is downloaded")
+  return clip_checkpoint.clip_config(path)
 
 
 def byt5_config(path: str) -> dict:
@@ -230,10 +258,11 @@ def build_model(config: ml_collections.ConfigDict) -> paella_unet.PaellaUNet:
   text_dim = 0
   if p.cond == "text":
     text_dim = p.text_width
-  elif p.cond == "byt5":
+  elif p.cond in ("byt5", "byt5+clip"):
     text_dim = byt5_config(p.byt5_path)["d_model"]
+  clip_dim = int(clip_config(p.clip_path).get("projection_dim", 512)) if p.cond == "byt5+clip" else 0
   sources = dict(num_classes=config.data.num_classes if p.cond == "class" else 0,
-                 text_dim=text_dim, clip_dim=0)
+                 text_dim=text_dim, clip_dim=clip_dim)
   return paella_unet.make_paella_unet(
       p.preset, num_labels=vocab, mask_token=p.noise == "mask",
       dtype=jnp.dtype(config.train.compute_dtype), **{**sources, **configlib.overrides(p)})
@@ -245,14 +274,21 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   model = build_model(config)
   side, _, vocab = vq_tokenizer.code_geometry(config)
   vq = vq_tokenizer.build_vq(config.tokenizer)
+  dtype = jnp.dtype(config.train.compute_dtype)
   null = config.data.num_classes
+  captioned = config.data.source == "coco"    # images and their captions, codes encoded here
   text_encoder = (byte_text.ByteTextEncoder(p.text_width, p.text_depth, p.text_heads,
-                                            p.text_max_bytes, jnp.dtype(config.train.compute_dtype))
-                  if p.cond == "text" else None)
-  byt5 = (t5_lib.encoder_from_config(byt5_config(p.byt5_path), jnp.dtype(config.train.compute_dtype))
-          if p.cond == "byt5" else None)
-  captions = jnp.asarray(caption_ids(p, null)) if p.cond != "class" else None
-  drop_rate = p.label_drop if p.cond == "class" else p.text_drop
+                                            p.text_max_bytes, dtype) if p.cond == "text" else None)
+  byt5 = (t5_lib.encoder_from_config(byt5_config(p.byt5_path), dtype)
+          if p.cond in ("byt5", "byt5+clip") else None)
+  clip = clip_lib.clip_from_config(clip_config(p.clip_path), dtype) if p.cond == "byt5+clip" else None
+  text_len = int(config.data.caption_max_ids) if captioned else p.text_max_bytes
+  captions = (jnp.asarray(caption_ids(p, null)) if p.cond != "class" and not captioned else None)
+  empty_ids = jnp.asarray(byte_text.byte_ids([""], text_len))                    # [1, T]: </s>
+  empty_clip = (jnp.asarray(clip_bpe.ClipTokenizer.from_folder(p.clip_path)([""]))
+                if clip is not None else None)                                   # [1, 77]
+  rates = {"cond": p.label_drop if p.cond == "class" else p.text_drop,
+           "clip_text": p.clip_text_drop, "clip_image": p.clip_image_drop}
 
   def init_params(rng):
     r_model, r_text = jax.random.split(rng)
@@ -262,32 +298,74 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
       c = {"labels": jnp.zeros((1,), jnp.int32)}
     else:
       if text_encoder is not None:
-        params["text_encoder"] = text_encoder.init(r_text, captions[:1])["params"]
-      c = {"text": jnp.zeros((1, p.text_max_bytes, model.text_dim), jnp.float32)}
+        params["text_encoder"] = text_encoder.init(r_text, empty_ids)["params"]
+      c = {"text": jnp.zeros((1, text_len, model.text_dim), jnp.float32)}
     params["predictor"] = model.init(r_model, x, jnp.ones((1,)), c,
                                      method=paella_unet.PaellaUNet.init_all)["params"]
     return params
 
-  def conditions(params, labels, drop, frozen=None):
-    """labels int [B], drop bool [B] -> (condition tokens [B, S, c_cond], key mask [B, S] or None)."""
-    keep_labels = jnp.where(drop, null, labels)
+  def condition_inputs(batch):
+    """The batch's condition: {"labels" [B]} (classes, with their captions when cond is a text
+    source) or {"ids" [B, T], "clip_ids" [B, 77], "images" [B, H, W, 3]} (coco)."""
+    if not captioned:
+      return {"labels": batch["label"]}
+    inputs = {"ids": batch["caption_ids"]}
+    if clip is not None:
+      inputs["clip_ids"] = batch["clip_ids"]
+      if "image" in batch:
+        inputs["images"] = batch["image"]
+    return inputs
+
+  def conditions(params, inputs, drop, frozen=None):
+    """inputs (`condition_inputs`), drop {"cond", "clip_text", "clip_image": bool [B]}
+    -> (condition tokens [B, S, c_cond], key mask [B, S] or None).
+
+    Dropped: the null class, the empty caption (ByT5 / byte encoder and CLIP text alike), no
+    CLIP image tokens (masked out of the attention, as Paella leaves them out)."""
+    embed = lambda **kw: model.apply({"params": params["predictor"]}, **kw,
+                                     method=paella_unet.PaellaUNet.embed_conditions)
     if p.cond == "class":
-      c = model.apply({"params": params["predictor"]}, labels=keep_labels,
-                      method=paella_unet.PaellaUNet.embed_conditions)
-      return c, None
-    ids = captions[keep_labels]                                           # [B, T]
+      return embed(labels=jnp.where(drop["cond"], null, inputs["labels"])), None
+    ids = inputs["ids"] if captioned else captions[inputs["labels"]]
+    ids = jnp.where(drop["cond"][:, None], empty_ids, ids)
     if byt5 is not None:
       h = byt5.apply({"params": frozen["text_encoder"]}, ids, ids != byte_text.PAD_ID)
     else:
       h = text_encoder.apply({"params": params["text_encoder"]}, ids)
-    c = model.apply({"params": params["predictor"]}, text=h,
-                    method=paella_unet.PaellaUNet.embed_conditions)
-    return c, ids != byte_text.PAD_ID
+    masks = [ids != byte_text.PAD_ID]
+    if clip is None:
+      return embed(text=h), masks[0]
+    b = ids.shape[0]
+    clip_ids = jnp.where(drop["clip_text"][:, None], empty_clip, inputs["clip_ids"])
+    clip_text = clip.apply({"params": frozen["clip"]}, clip_ids, method=clip_lib.CLIP.text)
+    if "images" in inputs:
+      pixels = clip_lib.clip_pixels(inputs["images"], clip.image_tower.image_size)
+      clip_image = clip.apply({"params": frozen["clip"]}, pixels, method=clip_lib.CLIP.image)
+      image_keep = ~drop["clip_image"]
+    else:                     # text to image: no CLIP image, as Paella's sampler
+      clip_image = jnp.zeros_like(clip_text)
+      image_keep = jnp.zeros((b,), bool)
+    seq = model.clip_seq_len
+    masks += [jnp.ones((b, seq), bool), jnp.broadcast_to(image_keep[:, None], (b, seq))]
+    return (embed(text=h, clip_text=clip_text, clip_image=clip_image),
+            jnp.concatenate(masks, axis=1))
+
+  def draw_drops(rng, b):
+    keys = jax.random.split(rng, len(rates))
+    return {name: drop_flags(k, b, rate, p.drop_scope) for k, (name, rate) in zip(keys, rates.items())}
+
+  def vq_encode(frozen, images):
+    """Images [B, H, W, 3] in [-1, 1] -> codes int32 [B, h, w] with the frozen tokenizer (and
+    its BatchNorm running statistics), as Paella encodes every batch."""
+    variables = {"params": frozen["vq"]}
+    if vq_tokenizer.BATCH_STATS_KEY in frozen:
+      variables["batch_stats"] = frozen[vq_tokenizer.BATCH_STATS_KEY]
+    return vq.apply(variables, images.astype(jnp.float32), method=vq.encode_codes).astype(jnp.int32)
 
   def loss_fn(params, batch, rng, step, extras, frozen=None):
     del step
     r_level, r_noise, r_drop, r_dropout = jax.random.split(rng, 4)
-    codes = batch["codes"].astype(jnp.int32)
+    codes = vq_encode(frozen, batch["image"]) if captioned else batch["codes"].astype(jnp.int32)
     b = codes.shape[0]
     if p.noise == "uniform":
       t = sample_levels(r_level, b, p.t_min)
@@ -296,22 +374,22 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     else:
       noised, replaced, t = mask_noise(r_noise, codes, vocab)
       weights = replaced
-    c, c_mask = conditions(params, batch["label"], drop_flags(r_drop, b, drop_rate, p.drop_scope),
-                           frozen)
+    c, c_mask = conditions(params, condition_inputs(batch), draw_drops(r_drop, b), frozen)
     logits = model.apply({"params": params["predictor"]}, noised, t, c, c_mask,
                          deterministic=False, rngs={"dropout": r_dropout})
     loss = weighted_ce(logits, codes, weights, p.label_smoothing, per_sample=p.noise == "uniform")
     accuracy = jnp.mean(jnp.argmax(logits, -1) == codes)
     return loss, {"code_accuracy": accuracy, "noised_fraction": jnp.mean(replaced)}, extras
 
-  def sample_codes(params, labels, rng, init_x=None, keep=None, frozen=None):
-    """labels int32 [B] -> codes int32 [B, h, w] (with `init_x`/`keep`: variations, inpainting)."""
-    b = labels.shape[0]
+  def sample_codes(params, inputs, rng, init_x=None, keep=None, frozen=None):
+    """inputs (`condition_inputs`: labels [B], or coco's caption ids) -> codes int32 [B, h, w]
+    (with `init_x`/`keep`: variations, inpainting)."""
+    b = next(iter(inputs.values())).shape[0]
     cfg = float(config.sample.cfg_scale)
     guided = cfg != 1.0
-    both = jnp.concatenate([labels, labels]) if guided else labels
-    drop = jnp.arange(both.shape[0]) >= b if guided else jnp.zeros((b,), bool)
-    c, c_mask = conditions(params, both, drop, frozen)
+    both = jax.tree.map(lambda v: jnp.concatenate([v, v]), inputs) if guided else inputs
+    dropped = jnp.arange(2 * b if guided else b) >= b
+    c, c_mask = conditions(params, both, {name: dropped for name in rates}, frozen)
 
     def logits_fn(x, t, w):
       if guided:
@@ -336,34 +414,71 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
         temperature=(float(p.temperature_start), float(p.temperature_end)), cfg=(cfg, cfg),
         cfg_steps=cfg_steps, t_start=float(p.t_start), init_x=init_x, keep=keep)
 
-  def generate(params, frozen, batch, rng):
-    """Class-conditional samples: labels [B] -> uint8 images [B, H, W, 3]."""
-    codes = sample_codes(params, batch["label"], rng, frozen=frozen)
+  def decode(frozen, codes):
     images = vq.apply({"params": frozen["vq"]}, codes, method=vq.decode_codes)
     return rec_lib.to_uint8(jnp.clip(images, -1, 1))
 
-  load_vq = frozen_run_loader(p.tokenizer_workdir, "vq", "paella.tokenizer_workdir",
-                              "VQ tokenizer (configs/paella_vq_*.py)")
+  def generate(params, frozen, batch, rng):
+    """Class-conditional samples (labels [B]), or text to image from coco's captions
+    (caption ids, no CLIP image) -> uint8 images [B, H, W, 3]."""
+    if captioned and "caption_ids" not in batch:
+      raise ValueError("Paella on captions generates from the captions of the eval split: "
+                       "`--mode sample` draws them; the FID evaluation of captioned data "
+                       "(COCO-30k) is not wired yet")
+    inputs = condition_inputs({k: v for k, v in batch.items() if k != "image"})
+    return decode(frozen, sample_codes(params, inputs, rng, frozen=frozen))
+
+  def visualize(params, batch, rng, frozen=None):
+    """Coco (`--mode sample`): each real image next to a sample from its caption."""
+    fake = generate(params, frozen, batch, rng)
+    real = rec_lib.to_uint8(batch["image"].astype(jnp.float32))
+    pairs = jnp.stack([real, fake], axis=1).reshape((-1,) + fake.shape[1:])
+    return {"images": pairs, "labels": jnp.repeat(batch["label"], 2), "grid_columns": 8}
 
   def load_frozen(restore_run_params):
-    """{"vq": the tokenizer run's weights (its decoder draws the images), and with cond=byt5
-    "text_encoder": the pretrained ByT5 encoder's}."""
-    frozen = {"vq": load_vq(restore_run_params)}
+    """{"vq": the tokenizer run's weights (its decoder draws the images; on captioned data its
+    encoder, with "vq_batch_stats", makes the codes), "text_encoder": a pretrained ByT5's,
+    "clip": a pretrained CLIP's}, each present when used."""
+    if not p.tokenizer_workdir:
+      raise ValueError("paella.tokenizer_workdir is empty: point it at the VQ tokenizer run "
+                       "(configs/paella_vq_*.py) whose decoder turns codes into images")
+    run = restore_run_params(p.tokenizer_workdir)
+    if "vq" not in run:
+      raise ValueError(f"paella.tokenizer_workdir={p.tokenizer_workdir!r} is not a VQ tokenizer run "
+                       f"(configs/paella_vq_*.py): its parameters hold {sorted(run)}, not 'vq'")
+    frozen = {"vq": run["vq"]}
+    if captioned and vq_tokenizer.BATCH_STATS_KEY in run:
+      frozen[vq_tokenizer.BATCH_STATS_KEY] = run[vq_tokenizer.BATCH_STATS_KEY]
     if byt5 is not None:
       frozen["text_encoder"] = t5_checkpoint.load_hf_t5_encoder(p.byt5_path)[1]
+    if clip is not None:
+      frozen["clip"] = clip_checkpoint.load_hf_clip(p.clip_path)[1]
     return frozen
 
   def init_frozen(rng):
-    r_vq, r_text = jax.random.split(rng)
+    r_vq, r_text, r_clip = jax.random.split(rng, 3)
     size = config.data.image_size
-    frozen = {"vq": nn.meta.unbox(vq.init(r_vq, jnp.zeros((1, size, size, 3)))["params"])}
+    variables = nn.meta.unbox(vq.init(r_vq, jnp.zeros((1, size, size, 3))))
+    frozen = {"vq": variables["params"]}
+    if captioned and "batch_stats" in variables:
+      frozen[vq_tokenizer.BATCH_STATS_KEY] = variables["batch_stats"]
     if byt5 is not None:
-      frozen["text_encoder"] = nn.meta.unbox(byt5.init(r_text, captions[:1])["params"])
+      frozen["text_encoder"] = nn.meta.unbox(byt5.init(r_text, empty_ids)["params"])
+    if clip is not None:
+      frozen["clip"] = nn.meta.unbox(clip.init(r_clip, *clip.init_inputs())["params"])
     return frozen
 
+  if captioned:
+    batch_keys = ("image", "caption_ids") + (("clip_ids",) if clip is not None else ())
+    check_batch = None
+  else:
+    batch_keys = ("codes", "label")
+    check_batch = lambda batch: vq_tokenizer.check_code_batch(batch, side, vocab, config,
+                                                              "paella.tokenizer_workdir")
   return Method(name="paella", model=model, init_params=init_params, loss_fn=loss_fn,
-                batch_keys=("codes", "label"), generate=generate, generate_from="labels",
-                load_frozen=load_frozen, init_frozen=init_frozen, loss_reads_frozen=byt5 is not None,
-                check_batch=lambda batch: vq_tokenizer.check_code_batch(
-                    batch, side, vocab, config, "paella.tokenizer_workdir"),
+                batch_keys=batch_keys, generate=generate,
+                generate_from="images" if captioned else "labels",
+                visualize=visualize if captioned else None,
+                load_frozen=load_frozen, init_frozen=init_frozen,
+                loss_reads_frozen=captioned or byt5 is not None, check_batch=check_batch,
                 decay_mask=lambda params: jax.tree.map(lambda _: True, params))

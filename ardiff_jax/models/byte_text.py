@@ -14,27 +14,16 @@ Shape letters: B batch, T bytes (with </s> and padding), D width.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from ardiff_jax.data import captions
 from ardiff_jax.models import vit
 
-PAD_ID, EOS_ID, BYTE_OFFSET = 0, 1, 3      # ByT5: pad, </s>, <unk>, then the 256 byte values
-VOCAB = 256 + BYTE_OFFSET
-
-
-def byte_ids(texts: Sequence[str], max_len: int) -> np.ndarray:
-  """ByT5's ids of each text: UTF-8 bytes + 3, then </s>, padded with 0 to `max_len` (longer
-  texts are cut so that </s> stays last). -> int32 [N, max_len]."""
-  out = np.full((len(texts), max_len), PAD_ID, np.int32)
-  for row, text in enumerate(texts):
-    ids = [b + BYTE_OFFSET for b in text.encode("utf-8")][:max_len - 1] + [EOS_ID]
-    out[row, :len(ids)] = ids
-  return out
+# ByT5's tokenisation lives with the data (a pipeline batches caption ids); named here as well.
+PAD_ID, EOS_ID, BYTE_OFFSET, VOCAB = captions.PAD_ID, captions.EOS_ID, captions.BYTE_OFFSET, captions.VOCAB
+byte_ids = captions.byte_ids
 
 
 class ByteTextEncoder(nn.Module):

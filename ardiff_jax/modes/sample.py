@@ -26,7 +26,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   exp, params, step = checkpoint.restore_sampling_params(config, workdir, config.sample.use_ema)
   if exp.method.generate_from == "labels":
     return _save_generations(config, workdir, exp, params, step)
-  visualize = jax.jit(exp.method.visualize)
+  frozen = checkpoint.load_frozen(exp.method)
+  # A method with frozen weights (Paella on captions: its VQ decoder, text encoders) reads them too.
+  visualize = jax.jit(exp.method.visualize if frozen is None else
+                      lambda p, b, r, f: exp.method.visualize(p, b, r, frozen=f))
+  with_frozen = () if frozen is None else (frozen,)
   ds = pipeline.make_dataset(config.data, split=config.data.eval_split, seed=config.seed,
                              batch_size=config.sample.batch_size, train=False)
   outs, n = [], 0
@@ -36,7 +40,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if n >= config.sample.num_samples:
         break
       batch = {k: np.asarray(v)[: config.sample.num_samples - n] for k, v in batch.items()}
-      out = jax.device_get(visualize(params, batch, jax.random.fold_in(rng, i)))
+      out = jax.device_get(visualize(params, batch, jax.random.fold_in(rng, i), *with_frozen))
       outs.append(out)
       n += len(batch["label"])
       bar.update(len(batch["label"]))

@@ -389,3 +389,21 @@ def test_eval_only_folder_uses_its_own_classes(tmp_path):
   assert pipeline.class_names(cfg) == ["a", "b"]
   batches = list(pipeline.make_dataset(cfg, split="test", seed=0, batch_size=8, train=False))
   np.testing.assert_array_equal(batches[0]["label"], [0, 0, 1, 1])
+
+
+def test_coco_batches_carry_byt5_and_clip_ids(tmp_path):
+  from ardiff_jax import configlib  # pylint: disable=g-import-not-at-top
+  from tests.data.test_data_sources import write_coco  # pylint: disable=g-import-not-at-top
+  from tests.models.test_clip import _tiny_tokenizer  # pylint: disable=g-import-not-at-top
+  (tmp_path / "clip").mkdir()
+  tok, vocab = _tiny_tokenizer(tmp_path / "clip", context_length=77)
+  data = configlib.base_config().data
+  data.source, data.path, data.image_size, data.num_classes = "coco", write_coco(tmp_path / "coco"), 16, 1
+  data.caption_max_ids, data.clip_tokenizer = 10, str(tmp_path / "clip")
+  batch = next(iter(pipeline.make_dataset(data, split="train", seed=0, batch_size=3, train=False)))
+  assert batch["image"].shape == (3, 16, 16, 3) and batch["caption_ids"].dtype == np.int32
+  np.testing.assert_array_equal(batch["caption_ids"][0], [b + 3 for b in b"a blue sq"] + [1])
+  np.testing.assert_array_equal(batch["caption_ids"][2, :10], [b + 3 for b in b"red thing"] + [1])
+  assert batch["clip_ids"].shape == (3, 77)
+  np.testing.assert_array_equal(batch["clip_ids"][1], tok(["a red square"])[0])
+  assert batch["clip_ids"][1, 0] == vocab["<|startoftext|>"]

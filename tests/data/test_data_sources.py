@@ -1,5 +1,6 @@
 """Tests for ardiff_jax.data.sources: digits, folder listing, record decoding, cache I/O."""
 import io
+import json
 import os
 
 import numpy as np
@@ -175,3 +176,34 @@ def test_cached_records_decode_concurrently():
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
     out = list(pool.map(sources.decode_cached_record, data * 50))
   assert all(o["label"] == i % 64 and o["moments"][0, 0, 0] == i % 64 for i, o in enumerate(out))
+
+
+# ------------------------------------------------------------------------- coco
+def write_coco(root, split="train", captions=(("a red square", "red thing"), ("a blue square",)),
+               size=20):
+  """A COCO-2017-shaped folder: annotations/captions_<split>2017.json and <split>2017/*.jpg, one
+  solid-colour image per entry of `captions` (image ids in reverse file order)."""
+  (root / "annotations").mkdir(parents=True, exist_ok=True)
+  (root / f"{split}2017").mkdir(parents=True, exist_ok=True)
+  images, annotations = [], []
+  for i, texts in enumerate(captions):
+    name = f"{i:012d}.jpg"
+    Image.new("RGB", (size, size), (255 * (i % 2), 0, 255 * (1 - i % 2))).save(
+        root / f"{split}2017" / name)
+    images.append({"id": 100 - i, "file_name": name})
+    annotations += [{"id": 10 * i + j, "image_id": 100 - i, "caption": t} for j, t in enumerate(texts)]
+  (root / "annotations" / f"captions_{split}2017.json").write_text(
+      json.dumps({"images": images, "annotations": annotations}))
+  return str(root)
+
+
+def test_coco_source_has_one_record_per_caption_ordered_by_image(tmp_path):
+  root = write_coco(tmp_path)
+  source = sources.CocoCaptionsSource(root, "train")
+  assert len(source) == 3
+  first = source[0]      # image id 99 (the second file) sorts first
+  assert first["caption"] == "a blue square" and first["label"] == 0
+  assert first["path"].endswith("train2017/000000000001.jpg")
+  assert [source[i]["caption"] for i in (1, 2)] == ["a red square", "red thing"]
+  with pytest.raises(ValueError, match="captions_val2017.json.*does not exist.*data.path"):
+    sources.CocoCaptionsSource(root, "val")

@@ -107,7 +107,7 @@ from ardiff_jax import main as main_lib  # noqa: E402
 from ardiff_jax.parallel import sharding as shd  # noqa: E402
 from ardiff_jax.train.experiment import build_experiment  # noqa: E402
 from ardiff_jax.train.state import init_state, jit_train_step  # noqa: E402
-from tests.helpers import load_config  # noqa: E402
+from tests.helpers import load_config, write_hf_folder  # noqa: E402
 
 
 def _codes_batch(config, n=16, seed=0):
@@ -192,17 +192,14 @@ def paella_vq_run(tmp_path_factory):
 def _byt5_checkpoint(folder):
   """A tiny random ByT5-shaped encoder (vocabulary 384: every byte id) saved as a Hugging Face
   checkpoint folder: config.json and model.safetensors under HF's names."""
-  import json  # pylint: disable=g-import-not-at-top
-  from ardiff_jax.data import safetensors  # pylint: disable=g-import-not-at-top
   from tests.models.test_t5 import TINY, random_hf_state_dict  # pylint: disable=g-import-not-at-top
   cfg = {**TINY, "vocab_size": 384, "model_type": "t5"}
-  folder.mkdir()
-  (folder / "config.json").write_text(json.dumps(cfg))
-  safetensors.write_safetensors(str(folder / "model.safetensors"), random_hf_state_dict(cfg))
-  return str(folder)
+  return write_hf_folder(folder, random_hf_state_dict(cfg), cfg)
 
 
-@pytest.mark.parametrize("arg", ["tiny,cond=byt5", pytest.param("tiny,cond=text", marks=pytest.mark.slow),
+# The frozen ByT5 path runs in make test through the COCO test below (ByT5 and CLIP).
+@pytest.mark.parametrize("arg", ["tiny", pytest.param("tiny,cond=byt5", marks=pytest.mark.slow),
+                                 pytest.param("tiny,cond=text", marks=pytest.mark.slow),
                                  pytest.param("tiny,noise=mask", marks=pytest.mark.slow)])
 def test_paella_trains_and_samples_on_the_paella_vq_run(paella_vq_run, tmp_path, arg):
   config = load_config("paella_digits", f"{arg},vq={paella_vq_run}")
@@ -214,3 +211,44 @@ def test_paella_trains_and_samples_on_the_paella_vq_run(paella_vq_run, tmp_path,
   with np.load(os.path.join(str(tmp_path), "samples", "samples_3.npz")) as f:
     assert f["images"].shape == (20, 16, 16, 3) and f["images"].dtype == np.uint8
   assert summary["cfg_scale"] == 2.0
+
+
+def _clip_checkpoint(folder):
+  """A tiny random CLIP (16 px images) with the tiny BPE vocabulary of tests/models/test_clip.py,
+  saved as a Hugging Face CLIPModel folder."""
+  from tests.models import test_clip  # pylint: disable=g-import-not-at-top
+  folder.mkdir()
+  _, vocab = test_clip._tiny_tokenizer(folder, context_length=77)
+  cfg = {**test_clip.CONFIG,
+         "text_config": {**test_clip.TEXT, "vocab_size": max(vocab.values()) + 1,
+                         "max_position_embeddings": 77},
+         "vision_config": {**test_clip.VISION, "image_size": 16}}
+  return write_hf_folder(folder, test_clip.random_hf_state_dict(cfg), cfg)
+
+
+def test_paella_on_coco_captions_with_byt5_and_clip(paella_vq_run, tmp_path):
+  """configs/paella_coco256.py at smoke size: codes encoded from the images by the frozen VQGAN,
+  conditions from ByT5 and CLIP (text and image) read from local folders; `--mode sample` puts
+  each val image next to a sample from its caption."""
+  from tests.data.test_data_sources import write_coco  # pylint: disable=g-import-not-at-top
+  coco = tmp_path / "coco"
+  write_coco(coco, "train", captions=(("a red square", "red"), ("a blue square",), ("blue",)))
+  write_coco(coco, "val", captions=(("a red square",), ("a blue square",)))
+  clip_dir = _clip_checkpoint(tmp_path / "clip")
+  arg = (f"tiny=True,vq={paella_vq_run},byt5={_byt5_checkpoint(tmp_path / 'byt5')},"
+         f"clip={clip_dir},path={coco}")
+  config = load_config("paella_coco256", arg)
+  exp = build_experiment(config)
+  shapes = jax.eval_shape(exp.method.init_params, jax.random.key(0))["predictor"]
+  assert {"byt5_mapper", "clip_mapper", "clip_image_mapper"} <= set(shapes)
+  workdir = str(tmp_path / "run")
+  main_lib.run(config, workdir, "train")
+  summary = main_lib.run(config, workdir, "sample")
+  import os  # pylint: disable=g-import-not-at-top
+  with np.load(os.path.join(workdir, "samples", "samples_3.npz")) as f:
+    assert f["images"].shape == (4, 16, 16, 3)        # 2 val pairs: real, sample
+  assert summary["num_images"] == 4
+  bad = load_config("paella_coco256", arg)
+  bad.data.source = "cached"
+  with pytest.raises(ValueError, match="byt5\\+clip.*data.source='coco'"):
+    build_experiment(bad)
