@@ -1,0 +1,104 @@
+"""The rectified-flow path of Distilled Decoding 2 (reference/dd2_paella.md §1.2–1.3) and the
+closed-form score of a codebook mixture, as pure functions.
+
+Path: x_t = (1 − t)·x_0 + t·ε, t ∈ [0, 1] (α_t = 1 − t, σ_t = t). For a next-token law p over
+codebook vectors c_j (V of them, C wide), the t-smoothed density is the Gaussian mixture
+p_t(x) = Σ_j p_j N(x; (1 − t)c_j, t²I), whose score is Eq. (1):
+    s(x, t, p) = −Σ_j w_j (x − (1 − t)c_j) / t²,   w = softmax_j(log p_j − ‖x − (1 − t)c_j‖² / 2t²)
+               = −(x − (1 − t)·Σ_j w_j c_j) / t².
+Networks predict a velocity v = E[ε | x_t] − E[x_0 | x_t]; the conversions (DD2 App. E.1):
+    v = (−t·s − x_t) / (1 − t),   s = −(x_t + (1 − t)·v) / t,   x̂_0 = x_t − t·v = (x_t + t²s)/(1 − t).
+Shape letters: ... any leading axes (batch, positions), C token width, V codebook size.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def interpolate(x0: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array:
+  """x_t = (1 − t)x_0 + tε: x0, eps [..., C], t [...] -> [..., C]."""
+  t = t[..., None]
+  return (1.0 - t) * x0 + t * eps
+
+
+def mixture_weights_chunked(x: jax.Array, t: jax.Array, log_p: jax.Array, codebook: jax.Array,
+                            chunk: int = 4096) -> jax.Array:
+  """Σ_j w_j c_j of Eq. (1), the posterior mean of the clean token, without a [..., V, C] tensor:
+  an online softmax over chunks of `chunk` codebook rows (a 16,384-entry codebook in 4 chunks).
+
+  x [..., C], t [...] (in (0, 1]), log_p [..., V] (log-probabilities; −inf allowed where p = 0),
+  codebook [V, C] -> [..., C] float32. The logit of entry j drops the ‖x‖² term (the same for
+  every j): (1 − t)·x·c_j / t² − (1 − t)²‖c_j‖² / 2t² + log p_j.
+  """
+  x, t, log_p = x.astype(jnp.float32), t.astype(jnp.float32), log_p.astype(jnp.float32)
+  codebook = codebook.astype(jnp.float32)
+  v, c = codebook.shape
+  chunk = min(chunk, v)
+  pad = (-v) % chunk
+  if pad:
+    codebook = jnp.concatenate([codebook, jnp.zeros((pad, c), jnp.float32)])
+    log_p = jnp.concatenate([log_p, jnp.full(log_p.shape[:-1] + (pad,), -jnp.inf)], axis=-1)
+  n = (v + pad) // chunk
+  books = codebook.reshape(n, chunk, c)
+  logps = jnp.moveaxis(log_p.reshape(log_p.shape[:-1] + (n, chunk)), -2, 0)   # [n, ..., chunk]
+  a = (1.0 - t)[..., None]
+  inv_t2 = 1.0 / jnp.square(t)[..., None]
+
+  def step(carry, inputs):
+    running_max, total, weighted = carry
+    book, logp = inputs
+    norms = jnp.sum(jnp.square(book), axis=-1)                                   # [chunk]
+    logits = logp + (a * jnp.einsum("...c,kc->...k", x, book) - 0.5 * jnp.square(a) * norms) * inv_t2
+    new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
+    safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+    scale = jnp.exp(jnp.where(jnp.isfinite(running_max), running_max - safe_max, -jnp.inf))
+    e = jnp.exp(logits - safe_max[..., None])
+    total = total * scale + jnp.sum(e, axis=-1)
+    weighted = weighted * scale[..., None] + jnp.einsum("...k,kc->...c", e, book)
+    return (new_max, total, weighted), None
+
+  init = (jnp.full(x.shape[:-1], -jnp.inf), jnp.zeros(x.shape[:-1]), jnp.zeros(x.shape))
+  (_, total, weighted), _ = jax.lax.scan(step, init, (books, logps))
+  return weighted / total[..., None]
+
+
+def mixture_score(x: jax.Array, t: jax.Array, log_p: jax.Array, codebook: jax.Array,
+                  chunk: int = 4096) -> jax.Array:
+  """Eq. (1): the score of Σ_j p_j N((1 − t)c_j, t²I) at x. Shapes as `mixture_weights_chunked`
+  -> [..., C] float32."""
+  mean = mixture_weights_chunked(x, t, log_p, codebook, chunk)
+  t = t.astype(jnp.float32)[..., None]
+  return -(x.astype(jnp.float32) - (1.0 - t) * mean) / jnp.square(t)
+
+
+def velocity_from_score(score: jax.Array, x: jax.Array, t: jax.Array) -> jax.Array:
+  """v = (−t·s − x_t)/(1 − t); t [...] in [0, 1) broadcast over C."""
+  t = t[..., None]
+  return (-t * score - x) / (1.0 - t)
+
+
+def score_from_velocity(v: jax.Array, x: jax.Array, t: jax.Array) -> jax.Array:
+  """s = −(x_t + (1 − t)·v)/t; t [...] in (0, 1]."""
+  t = t[..., None]
+  return -(x + (1.0 - t) * v) / t
+
+
+def denoised_from_velocity(v: jax.Array, x: jax.Array, t: jax.Array) -> jax.Array:
+  """x̂_0 = x_t − t·v."""
+  return x - t[..., None] * v
+
+
+def sid_loss(x_real: jax.Array, x_fake: jax.Array, x_gen: jax.Array, alpha: float = 1.0,
+             reduce_axes: tuple[int, ...] = (-1,)) -> jax.Array:
+  """Score identity distillation's generator loss in x_0 space (SiD; DD2 picks α = 1):
+      (x̂_real − x̂_fake)·((x̂_real − x_g) − α(x̂_real − x̂_fake)) / sg(mean |x_g − x̂_real|),
+  summed over `reduce_axes`; the normaliser is the mean over the same axes (floored at 1e-5),
+  under stop-gradient. x_real, x_fake: the teacher's and the fake score's denoised estimates,
+  x_gen: the generator's clean output, all [..., C] -> [...]. With α = 1 the element is
+  (x̂_real − x̂_fake)·(x̂_fake − x_g)."""
+  diff = x_real - x_fake
+  element = diff * ((x_real - x_gen) - alpha * diff)
+  norm = jax.lax.stop_gradient(jnp.maximum(jnp.mean(jnp.abs(x_gen - x_real), axis=reduce_axes,
+                                                    keepdims=True), 1e-5))
+  return jnp.sum(element / norm, axis=reduce_axes)
