@@ -37,3 +37,17 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords and not has_gpu:
       item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def vq_run(tmp_path_factory):
+  """A 4-step tiny VQ tokenizer run (configs/vq_digits.py:tiny) with its code cache (image and
+  mirror image per record): (config, workdir, cached counts), shared by the discrete generators'
+  tests."""
+  from ardiff_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  from tests.helpers import load_config  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("vq"))
+  config = load_config("vq_digits", "tiny")
+  main_lib.run(config, workdir, "train")
+  counts = main_lib.run(config, workdir, "cache")
+  return config, workdir, counts

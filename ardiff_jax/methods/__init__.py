@@ -67,6 +67,9 @@ class Method:
       hidden state after transformer block `layer` (1-based; 0 = the method's default, half the
       depth) of the frozen model, teacher-forced with the null class token (what `--mode probe`
       trains linear heads on). None for methods without a discrete-token trunk.
+    warm_start: (fresh params as host arrays, restore_run_params) -> the params a new run starts
+      from (e.g. a teacher's weights with a new input layer fitted to its table); called once,
+      when a run has no checkpoint yet. None: the fresh initialisation.
     extras_from_params: params -> dict of method-owned state that starts from the initial weights
       (an EMA teacher equal to the student at step 0), merged into `init_extras`' dict. Its
       leaves are sharded like the parameters whose key path ends theirs.
@@ -93,6 +96,7 @@ class Method:
   auxiliary_params: Callable[[PyTree], PyTree] | None = None
   probe_features: Callable[..., jax.Array] | None = None
   extras_from_params: Callable[[PyTree], dict] | None = None
+  warm_start: Callable[..., PyTree] | None = None
 
 
 def frozen_run_loader(workdir: str, part: str, field: str, kind: str):
@@ -123,6 +127,7 @@ METHODS: dict[str, str] = {
     "llamagen": "llamagen",
     "st_ar": "st_ar",
     "paella": "paella",
+    "dd2_adapt": "dd2_adapt",
 }
 
 

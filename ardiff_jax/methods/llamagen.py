@@ -69,6 +69,18 @@ def build_model(config: ml_collections.ConfigDict) -> gpt_lib.GPT:
                           **configlib.overrides(g))
 
 
+def code_loss(model: gpt_lib.GPT, params, inputs: jax.Array, codes: jax.Array, labels: jax.Array,
+              r_dropout: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Teacher-forced next-code cross-entropy: inputs (codes [B, L], or their codebook vectors
+  [B, L, C] for a `GPT.input_dim` model), targets codes [B, L], labels [B] -> (mean loss, code
+  accuracy)."""
+  apply = lambda *a, **kw: model.apply({"params": params}, *a, **kw)
+  z = apply(inputs, labels, deterministic=False, rngs={"dropout": r_dropout})
+  logits = apply(z, method=gpt_lib.GPT.logits)                             # [B, L, V]
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, codes).mean()
+  return loss, jnp.mean(jnp.argmax(logits, -1) == codes)
+
+
 def make_method(config: ml_collections.ConfigDict) -> Method:
   g = config.llamagen
   model = build_model(config)
@@ -85,11 +97,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     codes = batch["codes"].reshape(-1, seq_len)
     drop = jax.random.uniform(r_drop, codes.shape[:1]) < g.label_drop
     labels = jnp.where(drop, null, batch["label"])
-    apply = lambda *a, **kw: model.apply({"params": params}, *a, **kw)
-    z = apply(codes, labels, deterministic=False, rngs={"dropout": r_dropout})
-    logits = apply(z, method=gpt_lib.GPT.logits)                           # [B, L, V]
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, codes).mean()
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == codes)
+    loss, accuracy = code_loss(model, params, codes, codes, labels, r_dropout)
     return loss, {"code_accuracy": accuracy}, extras
 
   def generate(params, frozen, batch, rng):

@@ -17,6 +17,12 @@ residual stream, the norms and the attention logits stay float32, as under Llama
 Init: Linear and embeddings N(0, 0.02).
 Decoding uses a static per-layer KV cache (`decode_step`), equal to the full causal forward.
 
+Continuous inputs over codes (`input_dim` = C > 0 with `vocab_size` > 0; DD2 App. E.4): the
+tokens fed are codebook vectors [B, L, C] (a VQ code's entry, or any point near one), embedded by
+`tok_mlp` (Linear C→D, SiLU, Linear D→D; DD2 names "an MLP", the shape is ours) instead of the
+table, while the output stays the V-way `output` layer: the teacher a one-step generator's
+continuous tokens can condition (`methods/dd2_adapt.py` fits the MLP to the table).
+
 Random order (`random_order=True`, MAR Table 1's "AR, random order, causal"): the sequence is
 [class, x_{o_1} … x_{o_{L−1}}] for a permutation o per image; each input is rotated by RoPE at its
 own grid position (the class token keeps the zero row) and gets a learned embedding of the
@@ -106,6 +112,17 @@ def _dense(features, axes, name, dtype):
   return vit.dense(features, axes, name, dtype, use_bias=False, init=_init)
 
 
+class TokenMLP(nn.Module):
+  """Codebook vectors [..., C] -> token embeddings [..., D]: Linear, SiLU, Linear (N(0, 0.02))."""
+  width: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = vit.dense(self.width, (None, "mlp"), "fc1", self.dtype, init=_init)(x.astype(self.dtype))
+    return vit.dense(self.width, ("mlp", "embed"), "fc2", self.dtype, init=_init)(nn.silu(h))
+
+
 class Block(nn.Module):
   width: int
   num_heads: int
@@ -159,6 +176,7 @@ class GPT(nn.Module):
   seq_len: int
   num_classes: int
   vocab_size: int = 0            # > 0: VQ codes in [0, V) (LlamaGen); 0: continuous tokens
+  input_dim: int = 0             # > 0 (with vocab_size): codebook vectors [.., C] in, via tok_mlp
   width: int = 768
   depth: int = 12
   num_heads: int = 12
@@ -181,7 +199,13 @@ class GPT(nn.Module):
           (self.seq_len, self.width))
     self.cls_embedding = nn.Embed(self.num_classes + 1, self.width, name="cls_embedding",
                                   embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
-    if self.vocab_size:
+    if self.input_dim and not self.vocab_size:
+      raise ValueError("input_dim (codebook-vector inputs) needs vocab_size > 0 (a code model)")
+    if self.input_dim:
+      self.tok_mlp = TokenMLP(self.width, self.dtype, name="tok_mlp")
+      self.output = vit.dense(self.vocab_size, ("embed", "vocab"), "output", self.dtype,
+                              use_bias=False, init=nn.initializers.zeros_init())
+    elif self.vocab_size:
       self.tok_embeddings = nn.Embed(
           self.vocab_size, self.width, name="tok_embeddings",
           embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
@@ -283,6 +307,8 @@ class GPT(nn.Module):
 
   def init_all(self, batch: int = 1):
     labels = jnp.zeros((batch,), jnp.int32)
+    if self.input_dim:
+      return self.logits(self(jnp.zeros((batch, self.seq_len, self.input_dim)), labels))
     if self.vocab_size:
       return self.logits(self(jnp.zeros((batch, self.seq_len), jnp.int32), labels))
     z = self(jnp.zeros((batch, self.seq_len, self.token_dim)), labels)
@@ -313,6 +339,8 @@ class GPT(nn.Module):
 
   def embed_tokens(self, tokens):
     """tokens [B, T] int codes or [B, T, C] -> embeddings [B, T, D] float32."""
+    if self.input_dim:
+      return self.tok_mlp(tokens.astype(jnp.float32)).astype(jnp.float32)
     if self.vocab_size:
       return self.tok_embeddings(tokens).astype(jnp.float32)
     return self.tok_embeddings(tokens.astype(self.dtype)).astype(jnp.float32)

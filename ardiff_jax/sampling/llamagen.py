@@ -48,8 +48,9 @@ def draw(rng: jax.Array, logits: jax.Array, temperature: float, top_k: int, top_
 
 def sample_codes(model: GPT, params, labels: jax.Array, rng: jax.Array, *, cfg_scale: float = 1.0,
                  cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0) -> jax.Array:
-  """labels int32 [B] -> codes int32 [B, L] in raster order."""
+                 top_p: float = 1.0, token_table: jax.Array | None = None) -> jax.Array:
+  """labels int32 [B] -> codes int32 [B, L] in raster order. `token_table` [V, C]: the model
+  reads codebook vectors (`GPT.input_dim`), so each drawn code is fed as its row."""
   b, l = labels.shape[0], model.seq_len
   apply = lambda *a, **kw: model.apply({"params": params}, *a, **kw)
   use_cfg = cfg_scale > 1.0
@@ -75,7 +76,8 @@ def sample_codes(model: GPT, params, labels: jax.Array, rng: jax.Array, *, cfg_s
     code = draw(sub, guided(apply(z, method=GPT.logits), i), temperature, top_k, top_p)   # [B]
     codes = codes.at[:, i].set(code)
     fed = jnp.concatenate([code, code]) if use_cfg else code
-    z_next, cache = apply(apply(fed[:, None], method=GPT.embed_tokens), i + 1, cache,
+    fed = fed[:, None] if token_table is None else token_table[fed][:, None]
+    z_next, cache = apply(apply(fed, method=GPT.embed_tokens), i + 1, cache,
                           method=GPT.decode_step)
     return (z_next[:, 0], cache, codes, key), None
 

@@ -73,9 +73,15 @@ def check_first_batch(exp: Experiment, source) -> None:
 
 
 def restore_or_init(exp: Experiment, manager, data_iter=None) -> tuple[TrainState, int]:
+  """The newest readable checkpoint, else a step-0 state (warm-started when the method says how:
+  `Method.warm_start`, given host copies of the fresh parameters)."""
   if manager.latest_step() is not None:
     return checkpoint.restore_newest_readable(manager, exp.abstract_state, data_iter)
-  return init_state(exp.config.seed, exp.method, exp.tx, exp.shardings), 0
+  state = init_state(exp.config.seed, exp.method, exp.tx, exp.shardings)
+  if exp.method.warm_start is None:
+    return state, 0
+  params = exp.method.warm_start(jax.device_get(state.params), checkpoint.restore_run_params)
+  return init_state(exp.config.seed, exp.method, exp.tx, exp.shardings, params), 0
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:

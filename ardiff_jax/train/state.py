@@ -31,9 +31,12 @@ class TrainState:
   num_nonfinite: jax.Array  # int32 [], steps whose update was dropped for a non-finite loss/grad
 
 
-def create_state(rng: jax.Array, method: Method, tx: optax.GradientTransformation) -> TrainState:
-  """An unboxed state at step 0. Used under eval_shape and under jit with out_shardings."""
-  params = nn.meta.unbox(method.init_params(jax.random.fold_in(rng, 0)))
+def create_state(rng: jax.Array, method: Method, tx: optax.GradientTransformation,
+                 params=None) -> TrainState:
+  """An unboxed state at step 0 (from `params` when given: a warm start). Used under eval_shape
+  and under jit with out_shardings."""
+  if params is None:
+    params = nn.meta.unbox(method.init_params(jax.random.fold_in(rng, 0)))
   extras = method.init_extras(jax.random.fold_in(rng, 1))
   if method.extras_from_params is not None:
     extras = {**extras, **jax.tree.map(jnp.copy, method.extras_from_params(params))}
@@ -64,10 +67,15 @@ def state_shardings(method: Method, tx: optax.GradientTransformation, mesh: Mesh
 
 
 def init_state(seed: int, method: Method, tx: optax.GradientTransformation,
-               shardings: TrainState) -> TrainState:
+               shardings: TrainState, params=None) -> TrainState:
+  """The sharded step-0 state; `params` (host arrays of the parameters' structure) replace the
+  fresh initialisation, and the EMA and method extras start from them."""
   rng = jax.random.key(seed)
-  return jax.jit(functools.partial(create_state, method=method, tx=tx),
-                 out_shardings=shardings)(rng)
+  if params is None:
+    return jax.jit(functools.partial(create_state, method=method, tx=tx),
+                   out_shardings=shardings)(rng)
+  params = jax.device_put(params, shardings.params)
+  return jax.jit(lambda r, p: create_state(r, method, tx, p), out_shardings=shardings)(rng, params)
 
 
 def _split_micro(batch: dict, num_micro: int) -> dict:

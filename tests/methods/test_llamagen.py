@@ -167,16 +167,6 @@ def test_ten_crop_is_torchvisions():
   np.testing.assert_array_equal(crops[5], img[:, ::-1][:3, :3])          # the mirror image's crops
 
 
-@pytest.fixture(scope="module")
-def vq_run(tmp_path_factory):
-  """A 4-step tiny VQ tokenizer run with its code cache (image and mirror image per record)."""
-  workdir = str(tmp_path_factory.mktemp("vq"))
-  config = load_config("vq_digits", "tiny")
-  main_lib.run(config, workdir, "train")
-  counts = main_lib.run(config, workdir, "cache")
-  return config, workdir, counts
-
-
 def test_cache_of_a_vq_run_holds_its_codes(vq_run):
   config, workdir, counts = vq_run
   cached = config.data.copy_and_resolve_references()

@@ -1,0 +1,32 @@
+"""DD2's teacher adaptation on the bundled digits: the LlamaGen run of `configs/llamagen_digits.py`
+(`teacher`, built with the same `f` and `tiny`) made to read codebook vectors
+(`methods/dd2_adapt.py`): its code table replaced by an MLP over the VQ's 8-wide vectors, fitted
+by L2 to the table (2,000 full-batch Adam steps at 1e-3), then the whole model fine-tuned with the
+AR loss on vectors.
+Ours: 1,000 fine-tuning steps at lr 1e-4 after 100 warmup steps (DD2 runs 200k for LlamaGen-L and
+does not give the rate), the teacher's other settings (batch 64, AdamW 0.9/0.95, weight decay
+0.05, clip 1.0, CFG 2.0).
+Chain: `configs/vq_digits.py` (`vq`) -> cache -> `configs/llamagen_digits.py` (`teacher`) -> this.
+Args: steps, batch, vq, teacher, f (as the tokenizer), tiny (a seconds-long smoke run).
+"""
+from ardiff_jax import configlib
+from ardiff_jax.methods.dd2_adapt import dd2_adapt_config
+from ardiff_jax.methods.llamagen import llamagen_base_config
+from ardiff_jax.presets import use_digits_codes, use_short_cpu_run
+
+
+def get_config(arg=None):
+  a = configlib.parse_arg(arg, steps=1000, batch=64, vq="workdirs/demo/vq",
+                          teacher="workdirs/demo/llamagen", f=8, tiny=False)
+  c = llamagen_base_config("gpt_tiny" if a.tiny else "gpt_small", a.batch)   # the teacher's
+  use_digits_codes(c, c.llamagen, a.vq, a.tiny, a.f)
+  use_short_cpu_run(c, a.steps, a.tiny)
+  c.method = "dd2_adapt"
+  c.dd2 = dd2_adapt_config()
+  c.dd2.teacher_workdir = a.teacher
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 100
+  if a.tiny:
+    c.dd2.fit_steps = 50
+    c.optim.warmup_steps = 1
+  return c
