@@ -12,6 +12,7 @@ import ml_collections
 from ardiff_jax import configlib
 from ardiff_jax.methods import vq_tokenizer
 from ardiff_jax.methods.kl_tokenizer import tokenizer_config
+from ardiff_jax.methods.llamagen import llamagen_base_config
 from ardiff_jax.methods.st_ar import st_ar_config
 from ardiff_jax.models.gpt import PRESETS as gpt_presets
 
@@ -310,3 +311,13 @@ def use_st_ar(c: ml_collections.ConfigDict, short_run: bool) -> None:
   if short_run:
     c.st_ar.teacher_decay = 0.99
     c.st_ar.projector_hidden = 4 * gpt_presets[c.llamagen.preset]["width"]
+
+
+def dd2_digits_base(steps: int, batch: int, vq: str, f: int, tiny: bool) -> ml_collections.ConfigDict:
+  """The digits LlamaGen teacher's config (`configs/llamagen_digits.py`: gpt_small, or gpt_tiny
+  when `tiny`, on the `vq` run's codes) that DD2's digits configs start from, so the teacher's
+  weights fit theirs."""
+  c = llamagen_base_config("gpt_tiny" if tiny else "gpt_small", batch)
+  use_digits_codes(c, c.llamagen, vq, tiny, f)
+  use_short_cpu_run(c, steps, tiny)
+  return c

@@ -11,16 +11,13 @@ Args: steps, batch, vq, teacher, f (as the tokenizer), tiny (a seconds-long smok
 """
 from ardiff_jax import configlib
 from ardiff_jax.methods.dd2_adapt import dd2_adapt_config
-from ardiff_jax.methods.llamagen import llamagen_base_config
-from ardiff_jax.presets import use_digits_codes, use_short_cpu_run
+from ardiff_jax.presets import dd2_digits_base
 
 
 def get_config(arg=None):
   a = configlib.parse_arg(arg, steps=1000, batch=64, vq="workdirs/demo/vq",
                           teacher="workdirs/demo/llamagen", f=8, tiny=False)
-  c = llamagen_base_config("gpt_tiny" if a.tiny else "gpt_small", a.batch)   # the teacher's
-  use_digits_codes(c, c.llamagen, a.vq, a.tiny, a.f)
-  use_short_cpu_run(c, a.steps, a.tiny)
+  c = dd2_digits_base(a.steps, a.batch, a.vq, a.f, a.tiny)
   c.method = "dd2_adapt"
   c.dd2 = dd2_adapt_config()
   c.dd2.teacher_workdir = a.teacher

@@ -128,6 +128,7 @@ METHODS: dict[str, str] = {
     "st_ar": "st_ar",
     "paella": "paella",
     "dd2_adapt": "dd2_adapt",
+    "dd2_tune": "dd2_tune",
 }
 
 

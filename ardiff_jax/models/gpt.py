@@ -17,11 +17,12 @@ residual stream, the norms and the attention logits stay float32, as under Llama
 Init: Linear and embeddings N(0, 0.02).
 Decoding uses a static per-layer KV cache (`decode_step`), equal to the full causal forward.
 
-Continuous inputs over codes (`input_dim` = C > 0 with `vocab_size` > 0; DD2 App. E.4): the
-tokens fed are codebook vectors [B, L, C] (a VQ code's entry, or any point near one), embedded by
-`tok_mlp` (Linear C→D, SiLU, Linear D→D; DD2 names "an MLP", the shape is ours) instead of the
-table, while the output stays the V-way `output` layer: the teacher a one-step generator's
-continuous tokens can condition (`methods/dd2_adapt.py` fits the MLP to the table).
+Codebook-vector inputs (`input_dim` = C > 0; DD2 App. E.4): the tokens fed are codebook vectors
+[B, L, C] (a VQ code's entry, or any point near one), embedded by `tok_mlp` (Linear C→D, SiLU,
+Linear D→D; DD2 names "an MLP", the shape is ours) instead of the table. With `vocab_size` > 0
+the output stays the V-way `output` layer: the teacher a one-step generator's continuous tokens
+can condition (`methods/dd2_adapt.py` fits the MLP to the table); with `vocab_size` = 0 the
+DiffLoss head predicts the next vector (DD2's AR-diffusion model, `methods/dd2_tune.py`).
 
 Random order (`random_order=True`, MAR Table 1's "AR, random order, causal"): the sequence is
 [class, x_{o_1} … x_{o_{L−1}}] for a permutation o per image; each input is rotated by RoPE at its
@@ -176,7 +177,7 @@ class GPT(nn.Module):
   seq_len: int
   num_classes: int
   vocab_size: int = 0            # > 0: VQ codes in [0, V) (LlamaGen); 0: continuous tokens
-  input_dim: int = 0             # > 0 (with vocab_size): codebook vectors [.., C] in, via tok_mlp
+  input_dim: int = 0             # > 0: codebook vectors [.., C] in, via tok_mlp (DD2)
   width: int = 768
   depth: int = 12
   num_heads: int = 12
@@ -199,20 +200,17 @@ class GPT(nn.Module):
           (self.seq_len, self.width))
     self.cls_embedding = nn.Embed(self.num_classes + 1, self.width, name="cls_embedding",
                                   embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
-    if self.input_dim and not self.vocab_size:
-      raise ValueError("input_dim (codebook-vector inputs) needs vocab_size > 0 (a code model)")
     if self.input_dim:
       self.tok_mlp = TokenMLP(self.width, self.dtype, name="tok_mlp")
-      self.output = vit.dense(self.vocab_size, ("embed", "vocab"), "output", self.dtype,
-                              use_bias=False, init=nn.initializers.zeros_init())
     elif self.vocab_size:
       self.tok_embeddings = nn.Embed(
           self.vocab_size, self.width, name="tok_embeddings",
           embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
-      self.output = vit.dense(self.vocab_size, ("embed", "vocab"), "output", self.dtype,
-                              use_bias=False, init=nn.initializers.zeros_init())
     else:
       self.tok_embeddings = _dense(self.width, (None, "embed"), "tok_embeddings", self.dtype)
+    if self.vocab_size:
+      self.output = vit.dense(self.vocab_size, ("embed", "vocab"), "output", self.dtype,
+                              use_bias=False, init=nn.initializers.zeros_init())
     kwargs = dict(width=self.width, num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype)
     if self.scan_layers:   # per layer: rope, cache index and flag broadcast, the KV cache sliced
       self.layers = layers.scanned_stack(Block, kwargs, self.depth, self.remat,
@@ -308,10 +306,14 @@ class GPT(nn.Module):
   def init_all(self, batch: int = 1):
     labels = jnp.zeros((batch,), jnp.int32)
     if self.input_dim:
-      return self.logits(self(jnp.zeros((batch, self.seq_len, self.input_dim)), labels))
+      tokens = jnp.zeros((batch, self.seq_len, self.input_dim))
+    elif self.vocab_size:
+      tokens = jnp.zeros((batch, self.seq_len), jnp.int32)
+    else:
+      tokens = jnp.zeros((batch, self.seq_len, self.token_dim))
+    z = self(tokens, labels)
     if self.vocab_size:
-      return self.logits(self(jnp.zeros((batch, self.seq_len), jnp.int32), labels))
-    z = self(jnp.zeros((batch, self.seq_len, self.token_dim)), labels)
+      return self.logits(z)
     return self.head(jnp.zeros((batch, self.token_dim)), jnp.zeros((batch,), jnp.int32), z[:, 0])
 
   def init_cache(self, batch: int, dtype=jnp.float32):

@@ -30,9 +30,6 @@ def test_codebook_vector_inputs_equal_a_table_the_mlp_reproduces():
   logits = lambda m, p, x: m.apply({"params": p}, m.apply({"params": p}, x, labels), method=gpt.GPT.logits)
   np.testing.assert_allclose(np.asarray(logits(vec_model, params, book[codes])),
                              np.asarray(logits(table_model, table_params, codes)), rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match="input_dim .* needs vocab_size"):
-    gpt.make_gpt("gpt_tiny", token_dim=4, seq_len=16, num_classes=10, input_dim=8).init(
-        jax.random.key(0), method=gpt.GPT.init_all)
 
 
 def test_fit_token_mlp_reaches_a_reachable_table():
@@ -55,12 +52,20 @@ def teacher_runs(vq_run, tmp_path_factory):
   return vq, teacher
 
 
-def test_adapted_teacher_warm_starts_trains_and_samples(teacher_runs, tmp_path):
+@pytest.fixture(scope="module")
+def adapted_run(teacher_runs, tmp_path_factory):
+  """A 3-step dd2_adapt run from the tiny teacher (seed 1, so that a fresh initialisation would
+  differ from the teacher's seed-0 weights): (vq, teacher, workdir, config)."""
   vq, teacher = teacher_runs
   config = load_config("dd2_adapt_digits", f"tiny=True,vq={vq},teacher={teacher}")
-  config.seed = 1           # a fresh initialisation would differ from the teacher's (seed 0)
-  workdir = str(tmp_path / "adapt")
+  config.seed = 1
+  workdir = str(tmp_path_factory.mktemp("adapt"))
   main_lib.run(config, workdir, "train")
+  return vq, teacher, workdir, config
+
+
+def test_adapted_teacher_warm_starts_trains_and_samples(adapted_run, tmp_path):
+  vq, teacher, workdir, config = adapted_run
   summary = main_lib.run(config, workdir, "sample")
   assert summary["num_images"] == config.sample.num_samples
   # Every trunk weight started from the teacher's: after 3 steps at lr 1e-4 they are still within
@@ -74,3 +79,44 @@ def test_adapted_teacher_warm_starts_trains_and_samples(teacher_runs, tmp_path):
   bad = load_config("dd2_adapt_digits", f"tiny=True,vq={vq},teacher={vq}")
   with pytest.raises(ValueError, match="not a LlamaGen run over codes"):
     main_lib.run(bad, str(tmp_path / "bad"), "train")
+
+
+def test_teacher_log_probs_apply_cfg_then_the_filters():
+  """log p of the teacher at every position: CFG mix of the logits, top-k, softmax."""
+  from ardiff_jax.methods import dd2_tune  # pylint: disable=g-import-not-at-top
+  model = gpt.make_gpt("gpt_tiny", token_dim=0, seq_len=16, num_classes=10, vocab_size=32,
+                       input_dim=8, dropout=0.0)
+  params = nn.meta.unbox(model.init(jax.random.key(0), method=gpt.GPT.init_all)["params"])
+  params["output"] = {"kernel": jax.random.normal(jax.random.key(1), params["output"]["kernel"].shape)}
+  x = jax.random.normal(jax.random.key(2), (2, 16, 8))
+  labels = jnp.array([3, 4])
+  got = np.asarray(dd2_tune.teacher_log_probs(model, params, x, labels, 10, 2.0, 5, 1.0, 1.0))
+  logits = lambda y: np.asarray(model.apply({"params": params}, model.apply({"params": params}, x, y),
+                                            method=gpt.GPT.logits), np.float64)
+  mixed = logits(jnp.full((2,), 10)) + 2.0 * (logits(labels) - logits(jnp.full((2,), 10)))
+  kth = np.sort(mixed, axis=-1)[..., -5:-4]
+  kept = np.where(mixed >= kth, mixed, -np.inf)
+  want = kept - np.log(np.sum(np.exp(kept - kept.max(-1, keepdims=True)), -1, keepdims=True)) - kept.max(-1, keepdims=True)
+  assert (np.isfinite(got).sum(-1) == 5).all()
+  np.testing.assert_allclose(np.where(np.isfinite(want), got, 0), np.where(np.isfinite(want), want, 0),
+                             rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("gts", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_stage_one_tunes_from_the_adapted_teacher_and_samples(adapted_run, tmp_path, gts):
+  """dd2_tune: warm start from a dd2_adapt run, the GTS (or Monte-Carlo) loss on sequences the
+  teacher samples in the step, per-token Euler sampling through --mode sample."""
+  vq, teacher, adapted, _ = adapted_run
+  config = load_config("dd2_tune_digits", f"tiny=True,vq={vq},teacher={adapted},gts={gts}")
+  config.seed = 1           # a fresh initialisation would differ from the teacher's (seed 0)
+  workdir = str(tmp_path / "tune")
+  main_lib.run(config, workdir, "train")
+  summary = main_lib.run(config, workdir, "sample")
+  assert summary["num_images"] == config.sample.num_samples
+  a, s = checkpoint.restore_run_params(adapted), checkpoint.restore_run_params(workdir)
+  assert "diffloss" in s and "output" not in s
+  np.testing.assert_allclose(np.asarray(s["cls_embedding"]["embedding"]),   # warm-started:
+                             np.asarray(a["cls_embedding"]["embedding"]), atol=2e-3)  # N(0, .02) apart otherwise
+  with pytest.raises(ValueError, match="not an adapted teacher run"):
+    main_lib.run(load_config("dd2_tune_digits", f"tiny=True,vq={vq},teacher={teacher}"),
+                 str(tmp_path / "bad"), "train")
