@@ -102,3 +102,26 @@ def sid_loss(x_real: jax.Array, x_fake: jax.Array, x_gen: jax.Array, alpha: floa
   norm = jax.lax.stop_gradient(jnp.maximum(jnp.mean(jnp.abs(x_gen - x_real), axis=reduce_axes,
                                                     keepdims=True), 1e-5))
   return jnp.sum(element / norm, axis=reduce_axes)
+
+
+# DD2 stage 2's losses (§1.3–1.4), as pure functions of the three networks' outputs.
+
+
+def fake_score_loss(v_psi: jax.Array, x: jax.Array, eps: jax.Array) -> jax.Array:
+  """L_FCS (DD2 Eq. 5) in velocity form: ψ's velocity v_psi [..., C] at x_t = (1 − t)x + tε for
+  the generator's (stop-gradient) tokens x regresses the conditional target ε − x; mean."""
+  return jnp.mean(jnp.square(v_psi - jax.lax.stop_gradient(eps - x)))
+
+
+def csd_loss(x_gen: jax.Array, xt: jax.Array, t: jax.Array, log_p: jax.Array, table: jax.Array,
+             v_fake: jax.Array, alpha: float = 1.0, chunk: int = 4096) -> jax.Array:
+  """Conditional score distillation (DD2 Eq. 3–4) in SiD form, per token, summed over positions
+  and averaged over the batch: x_gen [B, L, C] the generator's tokens (differentiated),
+  xt = (1 − t)·x_gen + t·ε [B, L, C] with its own t [B, L] per position, log_p [B, L, V] the
+  teacher's law given the generator's stop-gradient prefix, v_fake [B, L, C] ψ's velocity at xt
+  given the same prefix. x̂_real from Eq. (1)'s score, x̂_fake = xt − t·v_fake; the normaliser is
+  per token (mean over C; SiD normalises per image, DD2 does not say, ours). -> scalar."""
+  score = mixture_score(xt, t, log_p, table, chunk)
+  x_real = (xt + jnp.square(t)[..., None] * score) / (1.0 - t)[..., None]
+  x_fake = denoised_from_velocity(v_fake, xt, t)
+  return jnp.mean(jnp.sum(sid_loss(x_real, x_fake, x_gen, alpha), axis=-1))

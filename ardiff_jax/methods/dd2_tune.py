@@ -167,3 +167,4 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
                 batch_keys=("label",), generate=generate, generate_from="labels",
                 load_frozen=load_frozen, init_frozen=init_frozen, loss_reads_frozen=True,
                 warm_start=warm_start)
+

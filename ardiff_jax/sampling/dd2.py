@@ -56,3 +56,16 @@ def nearest_codes(tokens: jax.Array, table: jax.Array) -> jax.Array:
   d = (jnp.sum(jnp.square(tokens), -1, keepdims=True) - 2 * tokens @ table.T
        + jnp.sum(jnp.square(table), -1))
   return jnp.argmin(d, axis=-1).astype(jnp.int32)
+
+
+def one_step_generate(model: GPT, params, eps: jax.Array, labels: jax.Array,
+                      deterministic: bool = True, rngs=None) -> jax.Array:
+  """DD2's one-step generator G (§1.6): eps [B, L, C] ~ N(0, I), labels [B] -> tokens [B, L, C].
+
+  One causal forward: the trunk reads the shifted noise sequence [class, ε_1 … ε_{L−1}], so its
+  state z_i depends on ε_<i only, and the head takes one Euler step from t = 1:
+  x_i = ε_i − v(ε_i, t = 1 | z_i)."""
+  b, l, c = eps.shape
+  z = model.apply({"params": params}, eps, labels, deterministic=deterministic, rngs=rngs)
+  v = head_velocity(model, params, eps.reshape(b * l, c), jnp.ones((b * l,)), z.reshape(b * l, -1))
+  return eps - v.reshape(b, l, c)

@@ -98,3 +98,26 @@ def test_sid_loss_and_its_generator_gradient(alpha):
   grad = jax.grad(lambda g: jnp.sum(rf.sid_loss(jnp.asarray(xr), jnp.asarray(xf), g, alpha)))(
       jnp.asarray(xg))
   np.testing.assert_allclose(np.asarray(grad), -(xr - xf) / norm, rtol=1e-5)
+
+
+def test_stage_two_losses_match_numpy():
+  """DD2's CSD in SiD form (per token, summed over positions) and the fake-score loss."""
+  rng = np.random.default_rng(0)
+  b, l, c, v = 2, 3, 4, 11
+  table = rng.normal(size=(v, c))
+  logits = rng.normal(size=(b, l, v))
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  x, eps, v_fake = (rng.normal(size=(b, l, c)) for _ in range(3))
+  t = rng.uniform(0.1, 0.9, size=(b, l))
+  xt = (1 - t[..., None]) * x + t[..., None] * eps
+  s = _np_score(xt.reshape(-1, c), t.reshape(-1), log_p.reshape(-1, v), table).reshape(b, l, c)
+  x_real = (xt + t[..., None] ** 2 * s) / (1 - t[..., None])
+  x_fake = xt - t[..., None] * v_fake
+  norm = np.maximum(np.mean(np.abs(x - x_real), -1, keepdims=True), 1e-5)
+  want = np.mean(np.sum(np.sum((x_real - x_fake) * (x_fake - x) / norm, -1), -1))
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  got = rf.csd_loss(f32(x), f32(xt), f32(t), f32(log_p), f32(table), f32(v_fake))
+  np.testing.assert_allclose(float(got), want, rtol=1e-4)
+  np.testing.assert_allclose(float(rf.fake_score_loss(f32(v_fake), f32(x), f32(eps))),
+                             np.mean((v_fake - (eps - x)) ** 2), rtol=1e-5)
+  assert rf.interpolate(f32(x), f32(eps), f32(t)).shape == (b, l, c)

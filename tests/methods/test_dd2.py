@@ -120,3 +120,34 @@ def test_stage_one_tunes_from_the_adapted_teacher_and_samples(adapted_run, tmp_p
   with pytest.raises(ValueError, match="not an adapted teacher run"):
     main_lib.run(load_config("dd2_tune_digits", f"tiny=True,vq={vq},teacher={teacher}"),
                  str(tmp_path / "bad"), "train")
+
+
+def _head_model(seed=0):
+  """A tiny stage-1-shaped GPT (codebook-vector inputs, DiffLoss head) whose head weights are all
+  perturbed, so that the head reads the trunk's state."""
+  model = gpt.make_gpt("gpt_tiny", token_dim=8, seq_len=16, num_classes=10, input_dim=8,
+                       head_width=32, head_depth=1, dropout=0.0)
+  params = nn.meta.unbox(model.init(jax.random.key(seed), method=gpt.GPT.init_all)["params"])
+  leaves, tree = jax.tree.flatten(params["diffloss"])   # the zero-initialised adaLN layers too
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  params["diffloss"] = jax.tree.unflatten(
+      tree, [p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  return model, params
+
+
+def test_one_step_generator_is_causal_in_its_noise():
+  """x_i depends on ε_≤i only: changing ε_k leaves every earlier token bitwise equal and moves
+  token k and later ones."""
+  from ardiff_jax.sampling import dd2 as dd2_sampling  # pylint: disable=g-import-not-at-top
+  model, params = _head_model()
+  eps = jax.random.normal(jax.random.key(3), (2, 16, 8))
+  labels = jnp.array([1, 2])
+  x = np.asarray(dd2_sampling.one_step_generate(model, params, eps, labels))
+  k = 9
+  x2 = np.asarray(dd2_sampling.one_step_generate(model, params, eps.at[:, k].add(1.0), labels))
+  np.testing.assert_array_equal(x2[:, :k], x[:, :k])
+  assert (np.abs(x2[:, k:] - x[:, k:]).max(axis=-1) > 1e-6).all()
+  # One Euler step from t = 1: x = ε − v(ε, 1).
+  z = model.apply({"params": params}, eps, labels)
+  v = dd2_sampling.head_velocity(model, params, eps[:, 3], jnp.ones((2,)), z[:, 3])
+  np.testing.assert_allclose(x[:, 3], np.asarray(eps[:, 3] - v), rtol=1e-5, atol=1e-6)
