@@ -24,6 +24,6 @@ def get_config(arg=None):
   c.optim.lr = 1e-4
   c.optim.warmup_steps = 100
   if a.tiny:
-    c.dd2.fit_steps = 50
+    c.dd2.fit_steps, c.dd2.fit_lr = 300, 3e-3
     c.optim.warmup_steps = 1
   return c

@@ -2,7 +2,8 @@
 (`configs/dd2_adapt_digits.py` run, `teacher`) with the ground-truth-score loss
 (`methods/dd2_tune.py`): its trunk over codebook vectors plus a DiffLoss head (width 256, 3
 blocks: ours, at the trunk's scale) predicting a rectified-flow velocity, trained on sequences the
-teacher samples each step (CFG 2.0, no top-k / top-p: DD2's LlamaGen settings).
+teacher samples each step (CFG 2.0 and top-p 1.0, DD2's LlamaGen settings; no top-k: the paper
+gives 900 in one place and 8,000 in another for LlamaGen's 16,384 codes, and digits have 1,024).
 Ours: 2,000 steps at lr 3e-4 after 100 warmup steps, batch 64 (DD2: 100k at 1e-4, batch 512).
 `gts=False`: the Monte-Carlo target ε − x_0 (the paper's ablation).
 Chain: vq_digits -> cache -> llamagen_digits -> dd2_adapt_digits (`teacher`) -> this.

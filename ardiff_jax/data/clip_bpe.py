@@ -180,6 +180,9 @@ class ClipTokenizer:
     ids = []
     for piece in pieces(clean(text)):
       for token in self.bpe("".join(alphabet[b] for b in piece.encode("utf-8"))):
+        if token not in self.vocab:
+          raise ValueError(f"BPE token {token!r} of {text!r} is not in the vocabulary: vocab.json "
+                           "and merges.txt are not a matching CLIP pair")
         ids.append(self.vocab[token])
     return ids
 

@@ -31,6 +31,8 @@ def mixture_weights_chunked(x: jax.Array, t: jax.Array, log_p: jax.Array, codebo
   codebook [V, C] -> [..., C] float32. The logit of entry j drops the ‖x‖² term (the same for
   every j): (1 − t)·x·c_j / t² − (1 − t)²‖c_j‖² / 2t² + log p_j.
   """
+  if chunk < 1:
+    raise ValueError(f"chunk={chunk}: codebook rows per chunk must be ≥ 1")
   x, t, log_p = x.astype(jnp.float32), t.astype(jnp.float32), log_p.astype(jnp.float32)
   codebook = codebook.astype(jnp.float32)
   v, c = codebook.shape
@@ -61,6 +63,15 @@ def mixture_weights_chunked(x: jax.Array, t: jax.Array, log_p: jax.Array, codebo
   init = (jnp.full(x.shape[:-1], -jnp.inf), jnp.zeros(x.shape[:-1]), jnp.zeros(x.shape))
   (_, total, weighted), _ = jax.lax.scan(step, init, (books, logps))
   return weighted / total[..., None]
+
+
+def mixture_velocity(x: jax.Array, t: jax.Array, log_p: jax.Array, codebook: jax.Array,
+                     chunk: int = 4096) -> jax.Array:
+  """The velocity of Eq. (1)'s score, E[ε − x_0 | x_t] = (x_t − m)/t with m = Σ_j w_j c_j (the
+  same as `velocity_from_score(mixture_score(...))`, without its cancellation near t = 1).
+  Shapes as `mixture_weights_chunked` -> [..., C] float32."""
+  mean = mixture_weights_chunked(x, t, log_p, codebook, chunk)
+  return (x.astype(jnp.float32) - mean) / t.astype(jnp.float32)[..., None]
 
 
 def mixture_score(x: jax.Array, t: jax.Array, log_p: jax.Array, codebook: jax.Array,
@@ -119,9 +130,11 @@ def csd_loss(x_gen: jax.Array, xt: jax.Array, t: jax.Array, log_p: jax.Array, ta
   and averaged over the batch: x_gen [B, L, C] the generator's tokens (differentiated),
   xt = (1 − t)·x_gen + t·ε [B, L, C] with its own t [B, L] per position, log_p [B, L, V] the
   teacher's law given the generator's stop-gradient prefix, v_fake [B, L, C] ψ's velocity at xt
-  given the same prefix. x̂_real from Eq. (1)'s score, x̂_fake = xt − t·v_fake; the normaliser is
-  per token (mean over C; SiD normalises per image, DD2 does not say, ours). -> scalar."""
-  score = mixture_score(xt, t, log_p, table, chunk)
-  x_real = (xt + jnp.square(t)[..., None] * score) / (1.0 - t)[..., None]
+  given the same prefix. x̂_real = Σ_j w_j c_j, the posterior mean of Eq. (1)'s mixture (=
+  (x_t + t²s)/(1 − t)); x̂_fake = xt − t·v_fake; the normaliser is per token (mean over C; SiD
+  normalises per image, DD2 does not say, ours). The teacher's law is stop-gradiented here, so
+  the generator is reached only through its tokens and their noised copies. t in (0, 1].
+  -> scalar."""
+  x_real = mixture_weights_chunked(xt, t, jax.lax.stop_gradient(log_p), table, chunk)
   x_fake = denoised_from_velocity(v_fake, xt, t)
   return jnp.mean(jnp.sum(sid_loss(x_real, x_fake, x_gen, alpha), axis=-1))

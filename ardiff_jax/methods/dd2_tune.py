@@ -135,8 +135,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
       log_p = teacher_log_probs(teacher, frozen["teacher"], x0, labels, null, float(d.teacher_cfg),
                                 int(d.teacher_top_k), float(d.teacher_top_p),
                                 float(d.teacher_temperature))
-      score = rf.mixture_score(xt, t, log_p, table, int(d.score_chunk))
-      target = jax.lax.stop_gradient(rf.velocity_from_score(score, xt, t))
+      target = jax.lax.stop_gradient(rf.mixture_velocity(xt, t, log_p, table, int(d.score_chunk)))
     else:
       target = eps - x0
     z = model.apply({"params": params}, x0, labels, deterministic=False, rngs={"dropout": r_dropout})

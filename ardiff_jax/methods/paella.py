@@ -14,7 +14,7 @@ AdamW (torch defaults: β 0.9/0.999, weight decay 0.01 on every tensor), lr 1e-4
 10k-step warmup, clip 1.0 (`paella_base_config`).
 
 Conditioning (`paella.cond`): a sequence of condition tokens, LayerNorm without affine, with
-classifier-free-guidance dropout per source:
+classifier-free-guidance dropout per source (the first three on cached codes, the last on COCO):
   - `class`: one token from a class embedding (ours, for digits and CIFAR-10); dropped (the null
     class) with probability `label_drop`;
   - `text`: captions `caption_template.format(class name)` through ByT5's byte ids and a byte-level
@@ -27,6 +27,13 @@ classifier-free-guidance dropout per source:
     folder `byt5_path` (`models/t5_checkpoint.py`; frozen, replicated, passed to the loss and
     the sampler as frozen weights; ByT5-XL's 2560-wide `last_hidden_state` is Paella's input),
     with the padding masked in the encoder and the predictor as above.
+  - `byt5+clip` (Paella's, `configs/paella_coco256.py`): on COCO captions (`data.source=coco`,
+    one item per image-caption pair), the ByT5 states plus CLIP's projected text and image
+    embeddings as `clip_seq_len` (4) tokens each (`models/clip.py`, read from `clip_path`),
+    dropped with probability `text_drop` / `clip_text_drop` / `clip_image_drop` (0.05 / 0.9 /
+    0.9: the empty caption, the empty CLIP caption, the image tokens masked out); the codes are
+    encoded each step from the images by the frozen VQGAN (with its BatchNorm statistics), as
+    Paella does, and sampling is text to image (no CLIP image).
   Paella draws each dropout once per batch (`np.random.rand() < p` for the whole batch);
   `drop_scope="batch"` keeps that, `"sample"` draws per sample (the usual CFG recipe).
 
@@ -222,7 +229,8 @@ def check_paella_config(config: ml_collections.ConfigDict) -> None:
   if p.cond == "byt5+clip" and not captioned:
     raise ValueError("paella.cond='byt5+clip' embeds each training image with CLIP: it needs "
                      "images and captions, data.source='coco' (cached codes hold neither)")
-  if captioned and p.cond == "byt5+clip" and config.data.clip_tokenizer != p.clip_path:
+  if (captioned and p.cond == "byt5+clip"
+      and os.path.realpath(config.data.clip_tokenizer) != os.path.realpath(p.clip_path)):
     raise ValueError(f"data.clip_tokenizer={config.data.clip_tokenizer!r} must name the CLIP folder "
                      f"paella.clip_path={p.clip_path!r}: its vocabulary tokenizes the captions")
   if captioned and p.cond == "text" and config.data.caption_max_ids > p.text_max_bytes:
@@ -351,8 +359,10 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
             jnp.concatenate(masks, axis=1))
 
   def draw_drops(rng, b):
-    keys = jax.random.split(rng, len(rates))
-    return {name: drop_flags(k, b, rate, p.drop_scope) for k, (name, rate) in zip(keys, rates.items())}
+    """{source: bool [B]}: the condition's flags from `rng` itself (the stream of the runs before
+    CLIP), the CLIP sources' from keys folded from it."""
+    return {name: drop_flags(rng if i == 0 else jax.random.fold_in(rng, i), b, rate, p.drop_scope)
+            for i, (name, rate) in enumerate(rates.items())}
 
   def vq_encode(frozen, images):
     """Images [B, H, W, 3] in [-1, 1] -> codes int32 [B, h, w] with the frozen tokenizer (and

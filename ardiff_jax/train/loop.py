@@ -80,7 +80,9 @@ def restore_or_init(exp: Experiment, manager, data_iter=None) -> tuple[TrainStat
   state = init_state(exp.config.seed, exp.method, exp.tx, exp.shardings)
   if exp.method.warm_start is None:
     return state, 0
-  params = exp.method.warm_start(jax.device_get(state.params), checkpoint.restore_run_params)
+  fresh = jax.device_get(state.params)
+  del state                                   # one device-side state at a time
+  params = exp.method.warm_start(fresh, checkpoint.restore_run_params)
   return init_state(exp.config.seed, exp.method, exp.tx, exp.shardings, params), 0
 
 

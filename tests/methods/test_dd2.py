@@ -73,6 +73,14 @@ def test_adapted_teacher_warm_starts_trains_and_samples(adapted_run, tmp_path):
   t = checkpoint.restore_run_params(teacher)
   a = checkpoint.restore_run_params(workdir)
   assert "tok_mlp" in a and "tok_embeddings" not in a
+  # The MLP was fitted to the teacher's table before training: closer than a fresh one (8-wide
+  # vectors cannot reproduce a near-random 32-wide table; the AR fine-tuning takes over).
+  book = jnp.asarray(checkpoint.restore_run_params(vq)["vq"]["codebook"])
+  book = book / jnp.linalg.norm(book, axis=-1, keepdims=True)        # LlamaGen's l2-normalised table
+  mlp = gpt.TokenMLP(int(a["tok_mlp"]["fc1"]["kernel"].shape[1]))
+  table = jnp.asarray(t["tok_embeddings"]["embedding"])
+  rel = lambda p: float(jnp.linalg.norm(mlp.apply({"params": p}, book) - table) / jnp.linalg.norm(table))
+  assert rel(a["tok_mlp"]) < 0.85 * rel(mlp.init(jax.random.key(5), book)["params"])
   gap = lambda u, v: max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), u, v)))
   fresh = nn.meta.unbox(dd2_adapt.build_model(config).init(jax.random.key(1), method=gpt.GPT.init_all)["params"])
   assert gap(t["layers_0"], a["layers_0"]) < 1e-3 < 0.01 < gap(t["layers_0"], fresh["layers_0"])
