@@ -452,6 +452,17 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     if not p.tokenizer_workdir:
       raise ValueError("paella.tokenizer_workdir is empty: point it at the VQ tokenizer run "
                        "(configs/paella_vq_*.py) whose decoder turns codes into images")
+    if captioned:   # no code cache to check: compare the tokenizer the run was trained as
+      trained = configlib.load_run_config(p.tokenizer_workdir).get("tokenizer", {})
+      shapes = lambda tcfg: jax.tree.map(np.shape, jax.eval_shape(
+          vq_tokenizer.build_vq(tcfg).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
+      if shapes(trained) != shapes(config.tokenizer):
+        raise ValueError(
+            f"paella.tokenizer_workdir={p.tokenizer_workdir!r} was trained as tokenizer "
+            f"{trained.get('preset')!r} with overrides {dict(trained.get('overrides', {}))}, "
+            f"whose weights differ from this config's ({config.tokenizer.preset!r}, "
+            f"{configlib.overrides(config.tokenizer)}): set tokenizer.preset and "
+            "tokenizer.overrides to the run's")
     run = restore_run_params(p.tokenizer_workdir)
     if "vq" not in run:
       raise ValueError(f"paella.tokenizer_workdir={p.tokenizer_workdir!r} is not a VQ tokenizer run "

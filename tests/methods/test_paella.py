@@ -248,6 +248,10 @@ def test_paella_on_coco_captions_with_byt5_and_clip(paella_vq_run, tmp_path):
   with np.load(os.path.join(workdir, "samples", "samples_3.npz")) as f:
     assert f["images"].shape == (4, 16, 16, 3)        # 2 val pairs: real, sample
   assert summary["num_images"] == 4
+  other = load_config("paella_coco256", arg)
+  other.tokenizer.overrides = dict(c_hidden=16, bottleneck_blocks=1, codebook_size=32)
+  with pytest.raises(ValueError, match="was trained as tokenizer 'paella_tiny' with .*'codebook_size': 64"):
+    main_lib.run(other, str(tmp_path / "other"), "train")
   bad = load_config("paella_coco256", arg)
   bad.data.source = "cached"
   with pytest.raises(ValueError, match="byt5\\+clip.*data.source='coco'"):
