@@ -52,7 +52,6 @@ Shape letters: B batch, h/w the code grid, V codebook size, S condition tokens, 
 """
 from __future__ import annotations
 
-import json
 import os
 
 import flax.linen as nn
@@ -70,6 +69,7 @@ from ardiff_jax.data import clip_bpe
 from ardiff_jax.models import byte_text
 from ardiff_jax.models import clip as clip_lib
 from ardiff_jax.models import clip_checkpoint
+from ardiff_jax.models import hf_checkpoint
 from ardiff_jax.models import paella_unet
 from ardiff_jax.models import t5 as t5_lib
 from ardiff_jax.models import t5_checkpoint
@@ -249,13 +249,11 @@ def clip_config(path: str) -> dict:
 
 def byt5_config(path: str) -> dict:
   """The config.json of the local ByT5 checkpoint folder named by `paella.byt5_path`."""
-  file = os.path.join(path, "config.json")
-  if not path or not os.path.isfile(file):
+  if not path or not os.path.isfile(os.path.join(path, "config.json")):
     raise ValueError(f"paella.cond='byt5' reads a local Hugging Face ByT5 checkpoint folder "
                      f"(config.json and model.safetensors or pytorch_model.bin), but "
                      f"paella.byt5_path={path!r} holds no config.json; nothing is downloaded")
-  with open(file) as f:
-    return json.load(f)
+  return hf_checkpoint.read_config(path, "a local Hugging Face ByT5 checkpoint folder")
 
 
 def build_model(config: ml_collections.ConfigDict) -> paella_unet.PaellaUNet:
