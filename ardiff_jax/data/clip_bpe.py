@@ -19,9 +19,9 @@ Steps (OpenCLIP's `tokenize`):
      last id set to <|endoftext|>; padded with 0 (OpenCLIP's padding; the text tower is causal
      and pools at end-of-text, so the padding never reaches the embedding). Special-token text
      inside a caption ("<|endoftext|>") is plain text, as in OpenCLIP 3.
-Checked against OpenCLIP 3.3's `tokenize` with CLIP's released BPE file on 314 captions (COCO-style
-sentences, contractions, numerals, HTML entities, non-Latin scripts, emoji, captions past 77
-tokens): 308 equal; the other 6 are mojibake, C1 or terminal-escape repairs of ftfy and
+Compared once, outside the project, with OpenCLIP's `tokenize` on CLIP's released BPE file
+(COCO-style sentences, contractions, numerals, HTML entities, non-Latin scripts, emoji, captions
+past 77 tokens): the differences left are ftfy's mojibake, C1 and terminal-escape repairs and
 OpenCLIP's own names for its special tokens.
 """
 from __future__ import annotations
