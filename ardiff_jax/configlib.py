@@ -101,11 +101,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.sample_every = 0            # 0: no periodic sample grids during training
   c.train.ema_decay = 0.9999
+  c.train.ema_progressive = False     # True: decay min(ema_decay, (step + 1)/(step + 10)) (DD2's EMA)
   c.train.compute_dtype = "float32"   # "bfloat16" on accelerators; params stay float32
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4                   # peak learning rate (absolute; configs derive it from blr·B/256)
   c.optim.warmup_steps = 0
+  c.optim.warmup_start = 0.0          # the ramp: start + (lr − start)·min(step + 1, warmup)/warmup
   c.optim.schedule = "constant"       # "constant" | "cosine" (after the linear warmup)
   c.optim.min_lr = 0.0                # cosine floor
   c.optim.b1 = 0.9

@@ -68,8 +68,10 @@ class Method:
       depth) of the frozen model, teacher-forced with the null class token (what `--mode probe`
       trains linear heads on). None for methods without a discrete-token trunk.
     warm_start: (fresh params as host arrays, restore_run_params) -> the params a new run starts
-      from (e.g. a teacher's weights with a new input layer fitted to its table); called once,
-      when a run has no checkpoint yet. None: the fresh initialisation.
+      from (e.g. a teacher's weights with a new input layer fitted to its table), or a pair
+      (params, extras) whose extras (host arrays) replace those keys of the initial method state
+      (DD2's guidance network, from a run other than the params'); called once, when a run has
+      no checkpoint yet. None: the fresh initialisation.
     extras_from_params: params -> dict of method-owned state that starts from the initial weights
       (an EMA teacher equal to the student at step 0), merged into `init_extras`' dict. Its
       leaves are sharded like the parameters whose key path ends theirs.
@@ -129,6 +131,7 @@ METHODS: dict[str, str] = {
     "paella": "paella",
     "dd2_adapt": "dd2_adapt",
     "dd2_tune": "dd2_tune",
+    "dd2": "dd2",
 }
 
 

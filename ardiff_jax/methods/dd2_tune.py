@@ -83,38 +83,74 @@ def build_model(config: ml_collections.ConfigDict) -> gpt_lib.GPT:
                                              head_depth=config.dd2.head_depth)
 
 
+def load_teacher(workdir: str, restore_run_params):
+  """The adapted teacher run's parameters (`configs/dd2_adapt_*.py`), checked to be one."""
+  if not workdir:
+    raise ValueError("dd2.teacher_workdir is empty: point it at the adapted teacher run "
+                     "(configs/dd2_adapt_*.py)")
+  params = restore_run_params(workdir)
+  if "tok_mlp" not in params or "output" not in params:
+    raise ValueError(f"dd2.teacher_workdir={workdir!r} is not an adapted teacher run "
+                     f"(configs/dd2_adapt_*.py): its parameters hold {sorted(params)}")
+  return params
+
+
+def frozen_teacher_and_vq(config: ml_collections.ConfigDict):
+  """(load_frozen, init_frozen, table_of, decode) shared by DD2's stages: the frozen weights are
+  {"vq": the tokenizer's, "teacher": the adapted teacher's}; table_of(vq params) -> the codebook
+  vectors [V, C]; decode(vq params, tokens [B, L, C]) -> uint8 images [B, H, W, 3], each token
+  snapped to its nearest code."""
+  teacher = dd2_adapt.build_model(config)
+  vq = vq_tokenizer.build_vq(config.tokenizer)
+  side, _, vocab = vq_tokenizer.code_geometry(config)
+  ids = jnp.arange(vocab)
+  table_of = lambda vq_params: vq.apply({"params": vq_params}, ids, method=vq.embed_codes)
+
+  def load_frozen(restore_run_params):
+    vq_run = restore_run_params(config.llamagen.tokenizer_workdir)
+    return {"vq": vq_run["vq"], "teacher": load_teacher(config.dd2.teacher_workdir,
+                                                        restore_run_params)}
+
+  def init_frozen(rng):
+    r_vq, r_teacher = jax.random.split(rng)
+    size = config.data.image_size
+    return {"vq": nn.meta.unbox(vq.init(r_vq, jnp.zeros((1, size, size, 3)))["params"]),
+            "teacher": nn.meta.unbox(teacher.init(r_teacher, method=gpt_lib.GPT.init_all)["params"])}
+
+  def decode(vq_params, tokens):
+    codes = dd2_sampling.nearest_codes(tokens, table_of(vq_params))
+    images = vq.apply({"params": vq_params}, codes.reshape(-1, side, side), method=vq.decode_codes)
+    return rec_lib.to_uint8(jnp.clip(images, -1, 1))
+
+  return load_frozen, init_frozen, table_of, decode
+
+
+def check_warm_shapes(params, fresh, field: str, workdir: str) -> None:
+  """Raises when a run's parameters do not fit this config's model (built with other arguments)."""
+  shapes = lambda tree: jax.tree.map(np.shape, tree)
+  if shapes(params) != shapes(fresh):
+    raise ValueError(f"{field}={workdir!r} does not match this config's llamagen and dd2 sections: "
+                     "build this config with that run's arguments")
+
+
 def make_method(config: ml_collections.ConfigDict) -> Method:
   d = config.dd2
   model = build_model(config)
   teacher = dd2_adapt.build_model(config)
-  side, seq_len, vocab = vq_tokenizer.code_geometry(config)
-  vq = vq_tokenizer.build_vq(config.tokenizer)
+  _, seq_len, _ = vq_tokenizer.code_geometry(config)
   null = config.data.num_classes
-  ids = jnp.arange(vocab)
-  table_of = lambda vq_params: vq.apply({"params": vq_params}, ids, method=vq.embed_codes)
+  load_frozen, init_frozen, table_of, decode = frozen_teacher_and_vq(config)
 
   def init_params(rng):
     return model.init(rng, method=gpt_lib.GPT.init_all)["params"]
 
-  def teacher_run(restore_run_params):
-    if not d.teacher_workdir:
-      raise ValueError("dd2.teacher_workdir is empty: point it at the adapted teacher run "
-                       "(configs/dd2_adapt_*.py)")
-    params = restore_run_params(d.teacher_workdir)
-    if "tok_mlp" not in params or "output" not in params:
-      raise ValueError(f"dd2.teacher_workdir={d.teacher_workdir!r} is not an adapted teacher run "
-                       f"(configs/dd2_adapt_*.py): its parameters hold {sorted(params)}")
-    return params
-
   def warm_start(fresh, restore_run_params):
-    params = {k: v for k, v in teacher_run(restore_run_params).items() if k != "output"}
+    params = {k: v for k, v in load_teacher(d.teacher_workdir, restore_run_params).items()
+              if k != "output"}
     for k in fresh:
       if k not in params:
         params[k] = fresh[k]               # the DiffLoss head
-    shapes = lambda tree: jax.tree.map(np.shape, tree)
-    if shapes(params) != shapes(fresh):
-      raise ValueError(f"dd2.teacher_workdir={d.teacher_workdir!r} does not match this config's "
-                       "llamagen section: build this config with the teacher's arguments")
+    check_warm_shapes(params, fresh, "dd2.teacher_workdir", d.teacher_workdir)
     return params
 
   def loss_fn(params, batch, rng, step, extras, frozen=None):
@@ -147,23 +183,9 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   def generate(params, frozen, batch, rng):
     """Class-conditional samples: labels [B] -> uint8 images [B, H, W, 3]."""
     tokens = dd2_sampling.sample_euler_ar(model, params, batch["label"], rng, int(d.euler_steps))
-    codes = dd2_sampling.nearest_codes(tokens, table_of(frozen["vq"]))
-    images = vq.apply({"params": frozen["vq"]}, codes.reshape(-1, side, side), method=vq.decode_codes)
-    return rec_lib.to_uint8(jnp.clip(images, -1, 1))
-
-  def load_frozen(restore_run_params):
-    """{"vq": the tokenizer's weights, "teacher": the adapted teacher's}."""
-    vq_run = restore_run_params(config.llamagen.tokenizer_workdir)
-    return {"vq": vq_run["vq"], "teacher": teacher_run(restore_run_params)}
-
-  def init_frozen(rng):
-    r_vq, r_teacher = jax.random.split(rng)
-    size = config.data.image_size
-    return {"vq": nn.meta.unbox(vq.init(r_vq, jnp.zeros((1, size, size, 3)))["params"]),
-            "teacher": nn.meta.unbox(teacher.init(r_teacher, method=gpt_lib.GPT.init_all)["params"])}
+    return decode(frozen["vq"], tokens)
 
   return Method(name="dd2_tune", model=model, init_params=init_params, loss_fn=loss_fn,
                 batch_keys=("label",), generate=generate, generate_from="labels",
                 load_frozen=load_frozen, init_frozen=init_frozen, loss_reads_frozen=True,
                 warm_start=warm_start)
-

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from ardiff_jax.data import pipeline
 from ardiff_jax.methods import Method, get_method
 from ardiff_jax.parallel import mesh as mesh_lib
-from ardiff_jax.train import optim
+from ardiff_jax import optim
 from ardiff_jax.train.state import TrainState, state_shardings
 
 

@@ -83,7 +83,8 @@ def restore_or_init(exp: Experiment, manager, data_iter=None) -> tuple[TrainStat
   fresh = jax.device_get(state.params)
   del state                                   # one device-side state at a time
   params = exp.method.warm_start(fresh, checkpoint.restore_run_params)
-  return init_state(exp.config.seed, exp.method, exp.tx, exp.shardings, params), 0
+  params, extras = params if isinstance(params, tuple) else (params, None)
+  return init_state(exp.config.seed, exp.method, exp.tx, exp.shardings, params, extras), 0
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:

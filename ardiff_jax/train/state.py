@@ -32,14 +32,16 @@ class TrainState:
 
 
 def create_state(rng: jax.Array, method: Method, tx: optax.GradientTransformation,
-                 params=None) -> TrainState:
-  """An unboxed state at step 0 (from `params` when given: a warm start). Used under eval_shape
-  and under jit with out_shardings."""
+                 params=None, given_extras=None) -> TrainState:
+  """An unboxed state at step 0 (from `params` when given: a warm start; `given_extras`: a dict
+  whose keys replace those of the method's initial state). Used under eval_shape and under jit
+  with out_shardings."""
   if params is None:
     params = nn.meta.unbox(method.init_params(jax.random.fold_in(rng, 0)))
   extras = method.init_extras(jax.random.fold_in(rng, 1))
   if method.extras_from_params is not None:
     extras = {**extras, **jax.tree.map(jnp.copy, method.extras_from_params(params))}
+  extras = {**extras, **(given_extras or {})}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
                     extras=extras,
@@ -67,15 +69,18 @@ def state_shardings(method: Method, tx: optax.GradientTransformation, mesh: Mesh
 
 
 def init_state(seed: int, method: Method, tx: optax.GradientTransformation,
-               shardings: TrainState, params=None) -> TrainState:
+               shardings: TrainState, params=None, extras=None) -> TrainState:
   """The sharded step-0 state; `params` (host arrays of the parameters' structure) replace the
-  fresh initialisation, and the EMA and method extras start from them."""
+  fresh initialisation, and the EMA and method extras start from them; `extras` (host arrays, a
+  dict of some of the method state's keys) replace those keys."""
   rng = jax.random.key(seed)
   if params is None:
     return jax.jit(functools.partial(create_state, method=method, tx=tx),
                    out_shardings=shardings)(rng)
   params = jax.device_put(params, shardings.params)
-  return jax.jit(lambda r, p: create_state(r, method, tx, p), out_shardings=shardings)(rng, params)
+  extras = {k: jax.device_put(v, shardings.extras[k]) for k, v in (extras or {}).items()}
+  return jax.jit(lambda r, p, e: create_state(r, method, tx, p, e),
+                 out_shardings=shardings)(rng, params, extras)
 
 
 def _split_micro(batch: dict, num_micro: int) -> dict:
@@ -126,6 +131,8 @@ def train_step(state: TrainState, batch: dict, frozen=None, *, method: Method,
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = cfg.train.ema_decay
+  if cfg.train.get("ema_progressive", False):
+    decay = jnp.minimum(decay, (state.step + 1.0) / (state.step + 10.0))
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)

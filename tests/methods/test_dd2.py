@@ -110,15 +110,28 @@ def test_teacher_log_probs_apply_cfg_then_the_filters():
                              rtol=1e-4, atol=1e-4)
 
 
+def _tune(adapted_run, workdir, gts=True):
+  vq, _, adapted, _ = adapted_run
+  config = load_config("dd2_tune_digits", f"tiny=True,vq={vq},teacher={adapted},gts={gts}")
+  config.seed = 1           # a fresh initialisation would differ from the teacher's (seed 0)
+  main_lib.run(config, workdir, "train")
+  return config
+
+
+@pytest.fixture(scope="module")
+def tuned_run(adapted_run, tmp_path_factory):
+  """A 3-step tiny dd2_tune (GTS) run from the adapted teacher: (workdir, config)."""
+  workdir = str(tmp_path_factory.mktemp("tune"))
+  return workdir, _tune(adapted_run, workdir)
+
+
 @pytest.mark.parametrize("gts", [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_stage_one_tunes_from_the_adapted_teacher_and_samples(adapted_run, tmp_path, gts):
+def test_stage_one_tunes_from_the_adapted_teacher_and_samples(adapted_run, tuned_run, tmp_path, gts):
   """dd2_tune: warm start from a dd2_adapt run, the GTS (or Monte-Carlo) loss on sequences the
   teacher samples in the step, per-token Euler sampling through --mode sample."""
   vq, teacher, adapted, _ = adapted_run
-  config = load_config("dd2_tune_digits", f"tiny=True,vq={vq},teacher={adapted},gts={gts}")
-  config.seed = 1           # a fresh initialisation would differ from the teacher's (seed 0)
-  workdir = str(tmp_path / "tune")
-  main_lib.run(config, workdir, "train")
+  workdir, config = tuned_run if gts else (str(tmp_path / "tune"), None)
+  config = config or _tune(adapted_run, workdir, gts=False)
   summary = main_lib.run(config, workdir, "sample")
   assert summary["num_images"] == config.sample.num_samples
   a, s = checkpoint.restore_run_params(adapted), checkpoint.restore_run_params(workdir)
@@ -127,6 +140,48 @@ def test_stage_one_tunes_from_the_adapted_teacher_and_samples(adapted_run, tmp_p
                              np.asarray(a["cls_embedding"]["embedding"]), atol=2e-3)  # N(0, .02) apart otherwise
   with pytest.raises(ValueError, match="not an adapted teacher run"):
     main_lib.run(load_config("dd2_tune_digits", f"tiny=True,vq={vq},teacher={teacher}"),
+                 str(tmp_path / "bad"), "train")
+
+
+def _restore_state(config, workdir):
+  """The newest checkpoint's full train state (G, its EMA, ψ in the extras)."""
+  from ardiff_jax.train import experiment  # pylint: disable=g-import-not-at-top
+  exp = experiment.build_experiment(config)
+  manager = checkpoint.make_manager(workdir)
+  state, _ = checkpoint.restore_newest_readable(manager, exp.abstract_state)
+  return jax.device_get(state)
+
+
+@pytest.mark.parametrize("init_g", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_stage_two_distils_from_stage_one_and_samples_in_one_step(adapted_run, tuned_run, tmp_path,
+                                                                   init_g):
+  """dd2: G and ψ warm-started from the stage-1 run (or G fresh, the ablation), ψ trained K
+  times per G step inside the jitted step and checkpointed with the run, G sampled in one
+  forward through --mode sample."""
+  vq, _, adapted, _ = adapted_run
+  tuned, _ = tuned_run
+  config = load_config("dd2_digits", f"tiny=True,vq={vq},teacher={adapted},tune={tuned},init_g={init_g}")
+  config.seed = 2
+  workdir = str(tmp_path / "dd2")
+  main_lib.run(config, workdir, "train")
+  summary = main_lib.run(config, workdir, "sample")
+  assert summary["num_images"] == config.sample.num_samples
+  state = _restore_state(config, workdir)
+  s = checkpoint.restore_run_params(tuned)
+  gap = lambda u, v: max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), u, v)))
+  g, psi = state.params, state.extras["guidance"]
+  # ψ took K·3 = 6 Adam steps from the stage-1 weights (lr ≤ 2e-4 each), G 3 from its start;
+  # a fresh initialisation is ≥ 0.01 away.
+  assert 0 < gap(psi, s) < 3 * 6 * 2e-4
+  counts = [int(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(
+      state.extras["guidance_opt"])[0] if "count" in jax.tree_util.keystr(path)]
+  assert counts and set(counts) == {6}
+  if init_g:
+    assert 0 < gap(g, s) < 3 * 3 * 1e-4
+  else:
+    assert gap(g["layers_0"], s["layers_0"]) > 0.01       # a fresh draw, N(0, 0.02) apart
+  with pytest.raises(ValueError, match="not a stage-1"):
+    main_lib.run(load_config("dd2_digits", f"tiny=True,vq={vq},teacher={adapted},tune={adapted}"),
                  str(tmp_path / "bad"), "train")
 
 

@@ -8,7 +8,7 @@ import pytest
 from ardiff_jax.diffusion.gaussian import create_diffusion
 from ardiff_jax.models import gpt, layers, mar
 from ardiff_jax.sampling.ar import sample_tokens
-from ardiff_jax.train import optim
+from ardiff_jax import optim
 from tests.helpers import perturb_head_outputs
 
 L, C = 16, 4

@@ -1,14 +1,16 @@
-"""The tiny MAR, causal AR and LlamaGen train identically on 1 device and on data / fsdp / tensor meshes."""
+"""The tiny MAR, causal AR, LlamaGen and DD2 (stage 2, with ψ's iterations inside the step) train
+identically on 1 device and on data / fsdp / tensor meshes."""
 import jax
 import numpy as np
 import pytest
 
 from ardiff_jax.parallel import sharding as shd
 from ardiff_jax.train.experiment import build_experiment
-from ardiff_jax.train.state import init_state, jit_train_step
+from ardiff_jax.train.state import frozen_for_training, init_state, jit_train_step
 from tests.helpers import load_config
 
-CONFIGS = {"mar": "mar_digits", "ar": "ar_diffusion_digits", "llamagen": "llamagen_digits"}
+CONFIGS = {"mar": "mar_digits", "ar": "ar_diffusion_digits", "llamagen": "llamagen_digits",
+           "dd2": "dd2_digits"}
 
 
 def _config(kind, mesh_shape):
@@ -23,6 +25,8 @@ def _config(kind, mesh_shape):
 
 def _batches(kind, n=3):
   rng = np.random.default_rng(0)
+  if kind == "dd2":          # data-free: the batch only sizes the step
+    return [{"label": rng.integers(0, 10, 16).astype(np.int32)} for _ in range(n)]
   if kind == "llamagen":     # 8×8 codes of the tiny VQ tokenizer (64 entries)
     return [{"codes": rng.integers(0, 64, (16, 8, 8)).astype(np.int32),
              "label": rng.integers(0, 10, 16).astype(np.int32)} for _ in range(n)]
@@ -35,9 +39,12 @@ def _losses(kind, config, devices=None):
   exp = build_experiment(config, devices)
   state = init_state(config.seed, exp.method, exp.tx, exp.shardings)
   step = jit_train_step(exp.method, exp.tx, exp.schedule, config, exp.mesh, exp.shardings)
+  # Random teacher and tokenizer weights for DD2 (the same on every mesh).
+  frozen = frozen_for_training(exp.method, exp.mesh,
+                               lambda: exp.method.init_frozen(jax.random.key(7)))
   losses = []
   for b in _batches(kind):
-    state, m = step(state, shd.global_batch(b, exp.mesh))
+    state, m = step(state, shd.global_batch(b, exp.mesh), frozen)
     losses.append(float(m["loss"]))
   return np.array(losses), exp, state
 
@@ -48,7 +55,7 @@ def single_device():
 
 
 @pytest.mark.parametrize("kind,mesh_shape", [
-    ("mar", (2, 2, 2)), ("ar", (2, 2, 2)), ("llamagen", (2, 2, 2)),
+    ("mar", (2, 2, 2)), ("ar", (2, 2, 2)), ("llamagen", (2, 2, 2)), ("dd2", (2, 2, 2)),
     pytest.param("mar", (8, 1, 1), marks=pytest.mark.slow),
     pytest.param("mar", (1, 8, 1), marks=pytest.mark.slow),
     pytest.param("ar", (8, 1, 1), marks=pytest.mark.slow),

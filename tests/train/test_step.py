@@ -9,7 +9,7 @@ from ardiff_jax import configlib
 from ardiff_jax.methods import Method
 from ardiff_jax.parallel import mesh as mesh_lib
 from ardiff_jax.parallel import sharding as shd
-from ardiff_jax.train import optim
+from ardiff_jax import optim
 from ardiff_jax.train.state import init_state, jit_train_step, state_shardings
 
 D = 8
@@ -137,3 +137,28 @@ def test_frozen_weights_reach_the_loss_unchanged_and_untrained():
   with pytest.raises(ValueError, match="frozen weights"):
     step(state, shd.global_batch({"x": x}, mesh))       # forgot to pass them
   assert frozen_for_training(toy_method(), mesh, None) is None
+
+
+def test_warmup_from_a_start_rate():
+  """DD2's warmup from 1e-6: start + (lr − start)·(step + 1)/warmup, then lr."""
+  c = configlib.base_config().optim
+  c.lr, c.warmup_steps, c.warmup_start = 1.0, 10, 1e-6
+  s = optim.make_schedule(c, 100)
+  for step in (0, 4, 9, 50):
+    want = 1e-6 + (1.0 - 1e-6) * min(step + 1, 10) / 10
+    np.testing.assert_allclose(float(s(step)), want, rtol=1e-6)
+
+
+def test_progressive_ema_follows_dd2s_rate():
+  """train.ema_progressive: the EMA after step i (0-based) mixes with decay
+  min(ema_decay, (i + 1)/(i + 10)), recomputed from the raw weights after each step."""
+  config = toy_config(ema=0.9999)
+  config.train.ema_progressive = True
+  batches = data(3)
+  w0, _, _ = run(config, batches[:1])
+  raw = [run(config, batches[:k])[1].params["w"].astype(np.float64) for k in (1, 2, 3)]
+  ema = w0["w"].astype(np.float64)
+  for i, p in enumerate(raw):
+    decay = min(0.9999, (i + 1) / (i + 10))
+    ema = decay * ema + (1 - decay) * p
+  np.testing.assert_allclose(run(config, batches)[1].ema_params["w"], ema, rtol=1e-5, atol=1e-7)

@@ -1,4 +1,6 @@
-"""Optimizer and learning-rate schedule from the config's `optim` section.
+"""Optimizer and learning-rate schedule from an `optim` config section: the engine's (`train/`)
+for every method's parameters, and a method's own for a network it trains inside its loss (DD2's
+guidance network).
 
 AdamW with a weight-decay mask (the method decides which parameters decay: MAR decays neither
 biases, norms nor the diffusion head), linear warmup followed by a constant or cosine schedule,
@@ -20,7 +22,8 @@ from ardiff_jax.models.layers import matrix_like
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `cfg.lr` over `cfg.warmup_steps`, then constant or cosine decay."""
+  """Linear warmup from `cfg.warmup_start` to `cfg.lr` over `cfg.warmup_steps`, then constant or
+  cosine decay."""
   warmup = int(cfg.warmup_steps)
   if cfg.schedule == "constant":
     after = optax.constant_schedule(cfg.lr)
@@ -33,7 +36,8 @@ def make_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Sched
     return after
   # MAR updates the lr per iteration with lr·step/warmup from step 0; the first update uses lr/warmup
   # rather than 0 so that step 0 is not wasted.
-  ramp = lambda step: cfg.lr * jnp.minimum(step + 1, warmup) / warmup
+  start = float(cfg.get("warmup_start", 0.0))
+  ramp = lambda step: start + (cfg.lr - start) * jnp.minimum(step + 1, warmup) / warmup
   return optax.join_schedules([ramp, after], [warmup])
 
 
