@@ -11,6 +11,9 @@ import ml_collections
 
 from ardiff_jax import configlib
 from ardiff_jax.methods import vq_tokenizer
+from ardiff_jax.methods.dd2 import dd2_config
+from ardiff_jax.methods.dd2_adapt import dd2_adapt_config
+from ardiff_jax.methods.dd2_tune import dd2_tune_config
 from ardiff_jax.methods.kl_tokenizer import tokenizer_config
 from ardiff_jax.methods.llamagen import llamagen_base_config
 from ardiff_jax.methods.st_ar import st_ar_config
@@ -313,6 +316,18 @@ def use_st_ar(c: ml_collections.ConfigDict, short_run: bool) -> None:
     c.st_ar.projector_hidden = 4 * gpt_presets[c.llamagen.preset]["width"]
 
 
+def dd2_cifar10_base(steps: int, batch: int, vq: str, path: str, tok: str
+                     ) -> ml_collections.ConfigDict:
+  """The CIFAR-10 LlamaGen teacher's CPU config (`configs/llamagen_cifar10.py:cpu=True`: gpt_small
+  on the `vq` run's 8×8 codes, `tok` its preset, evaluated against the test folder at `path`)
+  that DD2's CIFAR-10 configs start from, so the teacher's weights fit theirs."""
+  c = llamagen_base_config("gpt_small", batch)
+  use_cifar10_codes(c, c.llamagen, vq=vq, path=path, preset=tok)
+  use_short_cpu_run(c, steps, tiny=False)
+  use_cifar10_eval(c)
+  return c
+
+
 def dd2_digits_base(steps: int, batch: int, vq: str, f: int, tiny: bool) -> ml_collections.ConfigDict:
   """The digits LlamaGen teacher's config (`configs/llamagen_digits.py`: gpt_small, or gpt_tiny
   when `tiny`, on the `vq` run's codes) that DD2's digits configs start from, so the teacher's
@@ -321,3 +336,53 @@ def dd2_digits_base(steps: int, batch: int, vq: str, f: int, tiny: bool) -> ml_c
   use_digits_codes(c, c.llamagen, vq, tiny, f)
   use_short_cpu_run(c, steps, tiny)
   return c
+
+
+def use_dd2_adapt(c: ml_collections.ConfigDict, teacher: str, short_run: bool) -> None:
+  """DD2's teacher adaptation (`methods/dd2_adapt.py`) on a LlamaGen teacher's config: the run
+  at `teacher` made to read codebook vectors; AdamW at lr 1e-4 (DD2 fine-tunes 200k iterations
+  and gives no rate; LlamaGen's own). `short_run`: 100 warmup steps."""
+  c.method = "dd2_adapt"
+  c.dd2 = dd2_adapt_config()
+  c.dd2.teacher_workdir = teacher
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 100 if short_run else 0
+
+
+def use_dd2_tune(c: ml_collections.ConfigDict, adapted: str, gts: bool, short_run: bool) -> None:
+  """DD2 stage 1 (`methods/dd2_tune.py`) from the adapted teacher run at `adapted`: DD2's LlamaGen
+  recipe (the full model at lr 1e-4, Adam 0.9/0.95, teacher CFG 2.0 and top-p 1.0, a MAR-style
+  head 1024 wide and 6 deep, 10 Euler steps per token), with the teacher's weight decay (0.05 for
+  LlamaGen's configs; DD2 writes Adam). `short_run` (CPU budgets): lr 3e-4 after
+  100 warmup steps and a head 256 wide and 3 deep, at the trunk's scale."""
+  c.method = "dd2_tune"
+  c.dd2 = dd2_tune_config()
+  c.dd2.teacher_workdir = adapted
+  c.dd2.gts = gts
+  c.optim.lr, c.optim.warmup_steps = 1e-4, 0
+  c.sample.cfg_scale = 1.0          # the teacher's guidance is in the targets
+  if short_run:
+    c.dd2.head_width, c.dd2.head_depth = 256, 3
+    c.optim.lr, c.optim.warmup_steps = 3e-4, 100
+
+
+def use_dd2_distil(c: ml_collections.ConfigDict, adapted: str, tune: str, init_g: bool,
+                   init_psi: bool, short_run: bool) -> None:
+  """DD2 stage 2 (`methods/dd2.py`): G and ψ from the stage-1 run at `tune` (`init_g` / `init_psi`
+  False: a fresh draw, the Tab. 4 ablation), against the adapted teacher at `adapted`. DD2's
+  LlamaGen settings: K = 5, peak rates 1e-4 (G) and 2e-4 (ψ) warmed up from 1e-6 over 40k ψ
+  iterations (8k G iterations), Adam 0.9/0.95 without weight decay, α = 1, G's progressive EMA,
+  sampled from the EMA. `short_run`: warmups of 100 G and 500 ψ iterations and stage 1's short
+  head (`use_dd2_tune`)."""
+  use_dd2_tune(c, adapted, True, short_run)
+  c.optim.weight_decay = 0.0
+  c.method = "dd2"
+  c.dd2 = ml_collections.ConfigDict({**dd2_config().to_dict(), "head_width": c.dd2.head_width,
+                                     "head_depth": c.dd2.head_depth})
+  c.dd2.teacher_workdir, c.dd2.tune_workdir = adapted, tune
+  c.dd2.init_generator, c.dd2.init_guidance = init_g, init_psi
+  c.optim.lr, c.dd2.guidance_lr = 1e-4, 2e-4
+  c.optim.warmup_start = 1e-6
+  c.optim.warmup_steps, c.dd2.guidance_warmup = (100, 500) if short_run else (8000, 40000)
+  c.train.ema_decay, c.train.ema_progressive = 0.9999, True
+  c.sample.use_ema = True

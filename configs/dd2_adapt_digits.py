@@ -10,19 +10,14 @@ Chain: `configs/vq_digits.py` (`vq`) -> cache -> `configs/llamagen_digits.py` (`
 Args: steps, batch, vq, teacher, f (as the tokenizer), tiny (a seconds-long smoke run).
 """
 from ardiff_jax import configlib
-from ardiff_jax.methods.dd2_adapt import dd2_adapt_config
-from ardiff_jax.presets import dd2_digits_base
+from ardiff_jax.presets import dd2_digits_base, use_dd2_adapt
 
 
 def get_config(arg=None):
   a = configlib.parse_arg(arg, steps=1000, batch=64, vq="workdirs/demo/vq",
                           teacher="workdirs/demo/llamagen", f=8, tiny=False)
   c = dd2_digits_base(a.steps, a.batch, a.vq, a.f, a.tiny)
-  c.method = "dd2_adapt"
-  c.dd2 = dd2_adapt_config()
-  c.dd2.teacher_workdir = a.teacher
-  c.optim.lr = 1e-4
-  c.optim.warmup_steps = 100
+  use_dd2_adapt(c, a.teacher, short_run=True)
   if a.tiny:
     c.dd2.fit_steps, c.dd2.fit_lr = 300, 3e-3
     c.optim.warmup_steps = 1

@@ -13,8 +13,7 @@ Args: steps, batch, vq, teacher, tune, f (as the tokenizer), init_g, init_psi (F
 from a fresh initialisation, DD2's Tab. 4 ablation), tiny (a seconds-long smoke run).
 """
 from ardiff_jax import configlib
-from ardiff_jax.methods.dd2 import dd2_config
-from ardiff_jax.presets import dd2_digits_base
+from ardiff_jax.presets import dd2_digits_base, use_dd2_distil
 
 
 def get_config(arg=None):
@@ -22,18 +21,7 @@ def get_config(arg=None):
                           teacher="workdirs/demo/dd2_adapt", tune="workdirs/demo/dd2_tune", f=8,
                           init_g=True, init_psi=True, tiny=False)
   c = dd2_digits_base(a.steps, a.batch, a.vq, a.f, a.tiny)
-  c.method = "dd2"
-  c.dd2 = dd2_config()
-  c.dd2.teacher_workdir, c.dd2.tune_workdir = a.teacher, a.tune
-  c.dd2.init_generator, c.dd2.init_guidance = a.init_g, a.init_psi
-  c.dd2.head_width, c.dd2.head_depth = 256, 3          # as the stage-1 run's
-  c.optim.lr, c.dd2.guidance_lr = 1e-4, 2e-4
-  c.optim.warmup_start = 1e-6
-  c.optim.warmup_steps, c.dd2.guidance_warmup = 100, 500
-  c.optim.weight_decay = 0.0
-  c.train.ema_decay, c.train.ema_progressive = 0.9999, True
-  c.sample.use_ema = True
-  c.sample.cfg_scale = 1.0          # the teacher's guidance is in the distilled law
+  use_dd2_distil(c, a.teacher, a.tune, a.init_g, a.init_psi, short_run=True)
   if a.tiny:
     c.dd2.head_width, c.dd2.head_depth = 32, 1
     c.dd2.guidance_updates, c.dd2.noise_draws = 2, 2

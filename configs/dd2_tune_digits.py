@@ -10,22 +10,14 @@ Chain: vq_digits -> cache -> llamagen_digits -> dd2_adapt_digits (`teacher`) -> 
 Args: steps, batch, vq, teacher, f (as the tokenizer), gts, tiny (a seconds-long smoke run).
 """
 from ardiff_jax import configlib
-from ardiff_jax.methods.dd2_tune import dd2_tune_config
-from ardiff_jax.presets import dd2_digits_base
+from ardiff_jax.presets import dd2_digits_base, use_dd2_tune
 
 
 def get_config(arg=None):
   a = configlib.parse_arg(arg, steps=2000, batch=64, vq="workdirs/demo/vq",
                           teacher="workdirs/demo/dd2_adapt", f=8, gts=True, tiny=False)
   c = dd2_digits_base(a.steps, a.batch, a.vq, a.f, a.tiny)
-  c.method = "dd2_tune"
-  c.dd2 = dd2_tune_config()
-  c.dd2.teacher_workdir = a.teacher
-  c.dd2.gts = a.gts
-  c.dd2.head_width, c.dd2.head_depth = 256, 3
-  c.optim.lr = 3e-4
-  c.optim.warmup_steps = 100
-  c.sample.cfg_scale = 1.0          # the teacher's guidance is in the targets
+  use_dd2_tune(c, a.teacher, a.gts, short_run=True)
   if a.tiny:
     c.dd2.head_width, c.dd2.head_depth = 32, 1
     c.dd2.euler_steps = 2

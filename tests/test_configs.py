@@ -87,3 +87,21 @@ def test_cifar10_llamagen_runs_at_the_comparison_budget():
     assert lg.optim[field] == mar.optim[field], field
   assert lg.data.path == "V/cache" and lg.data.source == "cached"
   assert lg.eval.data.source == "folder" and lg.tokenizer.preset == "vq_tiny"
+
+
+@pytest.mark.parametrize("stage", ["adapt", "tune", "distil"])
+def test_dd2_imagenet_stages_sit_on_the_llamagen_l_teacher(stage):
+  """Each DD2 stage reads the teacher's own config (every shape fits LlamaGen-L's weights) and
+  the paper's schedule: 200k / 100k / 12k iterations at batch 256 / 512 / 1024; the distillation
+  at K = 5, rates 1e-4 (G) / 2e-4 (ψ) from 1e-6 over 8k / 40k, the progressive EMA."""
+  c = load_config("dd2_llamagen_imagenet256", f"stage={stage}")
+  teacher = load_config("llamagen_imagenet256", f"model=l,batch={c.train.batch_size}")
+  assert c.llamagen.to_dict() == teacher.llamagen.to_dict()
+  assert c.tokenizer.to_dict() == teacher.tokenizer.to_dict()
+  want = {"adapt": ("dd2_adapt", 200_000, 256), "tune": ("dd2_tune", 100_000, 512),
+          "distil": ("dd2", 12_000, 1024)}[stage]
+  assert (c.method, c.train.num_steps, c.train.batch_size) == want
+  if stage == "distil":
+    assert (c.dd2.guidance_updates, c.optim.lr, c.dd2.guidance_lr) == (5, 1e-4, 2e-4)
+    assert (c.optim.warmup_start, c.optim.warmup_steps, c.dd2.guidance_warmup) == (1e-6, 8000, 40000)
+    assert c.train.ema_progressive and c.dd2.teacher_top_k == 8000 and c.dd2.alpha == 1.0
