@@ -32,7 +32,9 @@ the last micro-batch's result is kept (ψ then sees batch / A per iteration).
 Initialisation ablation (DD2 Tab. 4): `dd2.init_generator` / `dd2.init_guidance` False start that
 network from a fresh initialisation instead of the stage-1 run.
 Sampling: one forward, x = ε − v(ε, t = 1 | trunk([y, ε_<i])), tokens snapped to their nearest
-codes for the VQ decoder.
+codes for the VQ decoder. `dd2.teacher_steps` = n > 0: the teacher-refined multi-step mode (DD2's
+Alg. 4 as we read it for a raster teacher): G's first L − n codes are kept and the teacher,
+prefilled with them, draws the last n with its own sampling settings: 1 + n forwards.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ from ardiff_jax.methods import dd2_tune
 from ardiff_jax.methods import vq_tokenizer
 from ardiff_jax.models import gpt as gpt_lib
 from ardiff_jax.sampling import dd2 as dd2_sampling
+from ardiff_jax.sampling.llamagen import sample_codes
 
 
 def dd2_config() -> ml_collections.ConfigDict:
@@ -61,6 +64,7 @@ def dd2_config() -> ml_collections.ConfigDict:
   d.guidance_warmup = 0           # ψ iterations of linear warmup from optim.warmup_start
   d.init_generator = True         # False: G from a fresh initialisation (the ablation)
   d.init_guidance = True          # False: ψ from a fresh initialisation (the ablation)
+  d.teacher_steps = 0             # sampling: the teacher redraws the last n codes (0: one step)
   return d
 
 
@@ -166,8 +170,20 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     return loss, metrics, {**extras, "guidance": psi, "guidance_opt": opt}
 
   def generate(params, frozen, batch, rng):
-    """One-step class-conditional samples: labels [B] -> uint8 images [B, H, W, 3]."""
-    return decode(frozen["vq"], generate_tokens(params, batch["label"], rng))
+    """One-step (or teacher-refined) class-conditional samples: labels [B] -> uint8 images
+    [B, H, W, 3]."""
+    r_gen, r_teacher = jax.random.split(rng)
+    tokens = generate_tokens(params, batch["label"], r_gen)
+    n = int(d.teacher_steps)
+    if n > 0:
+      table = table_of(frozen["vq"])
+      codes = dd2_sampling.nearest_codes(tokens, table)
+      codes = sample_codes(teacher, frozen["teacher"], batch["label"], r_teacher,
+                           cfg_scale=float(d.teacher_cfg), temperature=float(d.teacher_temperature),
+                           top_k=int(d.teacher_top_k), top_p=float(d.teacher_top_p),
+                           token_table=table, prefix=codes[:, :seq_len - min(n, seq_len)])
+      tokens = table[codes]
+    return decode(frozen["vq"], tokens)
 
   return Method(name="dd2", model=model, init_params=init_params, loss_fn=loss_fn,
                 batch_keys=("label",), generate=generate, generate_from="labels",

@@ -48,10 +48,14 @@ def draw(rng: jax.Array, logits: jax.Array, temperature: float, top_k: int, top_
 
 def sample_codes(model: GPT, params, labels: jax.Array, rng: jax.Array, *, cfg_scale: float = 1.0,
                  cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, token_table: jax.Array | None = None) -> jax.Array:
+                 top_p: float = 1.0, token_table: jax.Array | None = None,
+                 prefix: jax.Array | None = None) -> jax.Array:
   """labels int32 [B] -> codes int32 [B, L] in raster order. `token_table` [V, C]: the model
-  reads codebook vectors (`GPT.input_dim`), so each drawn code is fed as its row."""
+  reads codebook vectors (`GPT.input_dim`), so each drawn code is fed as its row. `prefix` int32
+  [B, P]: the first P codes are given (prefilled with the class token in one cached step) and
+  only codes P … L − 1 are drawn (DD2's teacher completing a one-step generator's tokens)."""
   b, l = labels.shape[0], model.seq_len
+  given = 0 if prefix is None else prefix.shape[1]
   apply = lambda *a, **kw: model.apply({"params": params}, *a, **kw)
   use_cfg = cfg_scale > 1.0
   cond = jnp.concatenate([labels, jnp.full_like(labels, model.num_classes)]) if use_cfg else labels
@@ -68,7 +72,12 @@ def sample_codes(model: GPT, params, labels: jax.Array, rng: jax.Array, *, cfg_s
     return jnp.where(step - 1 > cfg_interval, cond_l, mixed)
 
   cache = apply(cond.shape[0], method=GPT.init_cache)
-  z, cache = apply(apply(cond, method=GPT.embed_class), 0, cache, method=GPT.decode_step)
+  first = apply(cond, method=GPT.embed_class)                         # [B', 1, D]
+  if given:
+    fed = jnp.concatenate([prefix, prefix]) if use_cfg else prefix
+    fed = fed if token_table is None else token_table[fed]
+    first = jnp.concatenate([first, apply(fed, method=GPT.embed_tokens)], axis=1)
+  z, cache = apply(first, 0, cache, method=GPT.decode_step)
 
   def step(carry, i):
     z, cache, codes, key = carry                        # z [B', D]: the condition of code i
@@ -81,6 +90,9 @@ def sample_codes(model: GPT, params, labels: jax.Array, rng: jax.Array, *, cfg_s
                           method=GPT.decode_step)
     return (z_next[:, 0], cache, codes, key), None
 
-  init = (z[:, 0], cache, jnp.zeros((b, l), jnp.int32), rng)
-  (_, _, codes, _), _ = jax.lax.scan(step, init, jnp.arange(l))
+  codes = jnp.zeros((b, l), jnp.int32)
+  if given:
+    codes = codes.at[:, :given].set(prefix.astype(jnp.int32))
+  init = (z[:, -1], cache, codes, rng)
+  (_, _, codes, _), _ = jax.lax.scan(step, init, jnp.arange(given, l))
   return codes

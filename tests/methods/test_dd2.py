@@ -166,6 +166,8 @@ def test_stage_two_distils_from_stage_one_and_samples_in_one_step(adapted_run, t
   main_lib.run(config, workdir, "train")
   summary = main_lib.run(config, workdir, "sample")
   assert summary["num_images"] == config.sample.num_samples
+  config.dd2.teacher_steps = 3          # the teacher-refined mode: G's first L − 3 codes kept
+  assert main_lib.run(config, workdir, "sample")["num_images"] == config.sample.num_samples
   state = _restore_state(config, workdir)
   s = checkpoint.restore_run_params(tuned)
   gap = lambda u, v: max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), u, v)))

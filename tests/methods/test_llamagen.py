@@ -62,12 +62,15 @@ def tiny():
   return model, params
 
 
-def _greedy_by_full_forward(model, params, labels, cfg_scale=1.0, cfg_interval=-1):
+def _greedy_by_full_forward(model, params, labels, cfg_scale=1.0, cfg_interval=-1, prefix=None):
   """Greedy decoding with the full causal forward at every step (no cache): code i is the argmax
-  of the logits at position i given the codes before it, CFG-mixed as LlamaGen mixes them."""
+  of the logits at position i given the codes before it, CFG-mixed as LlamaGen mixes them; the
+  codes of `prefix` [B, P] are given."""
   codes = np.zeros((len(labels), L), np.int32)
+  given = 0 if prefix is None else prefix.shape[1]
+  codes[:, :given] = 0 if prefix is None else prefix
   null = np.full_like(labels, NUM_CLASSES)
-  for i in range(L):
+  for i in range(given, L):
     fwd = lambda lab: np.asarray(model.apply({"params": params}, model.apply(
         {"params": params}, jnp.asarray(codes), jnp.asarray(lab)), method=gpt.GPT.logits))[:, i]
     logits = fwd(labels)
@@ -90,6 +93,18 @@ def test_cached_sampler_with_top_k_1_is_greedy_decoding_of_the_full_forward(tiny
   want = _greedy_by_full_forward(model, params, labels, cfg_scale, cfg_interval)
   np.testing.assert_array_equal(np.asarray(got), want)
   assert len(np.unique(want)) > 3                      # not a degenerate constant sequence
+
+
+def test_a_given_prefix_is_kept_and_continued_as_the_full_forward_would(tiny):
+  """sample_codes(prefix=...): random first codes prefilled in one cached step, the rest greedy
+  (top-k 1) under CFG equal to the uncached full forward's continuation of the same prefix."""
+  model, params = tiny
+  labels = np.array([1, 5], np.int32)
+  prefix = np.asarray(jax.random.randint(jax.random.key(4), (2, 11), 0, V), np.int32)
+  got = np.asarray(sampler.sample_codes(model, params, jnp.asarray(labels), jax.random.key(0),
+                                        cfg_scale=3.0, top_k=1, prefix=jnp.asarray(prefix)))
+  np.testing.assert_array_equal(got, _greedy_by_full_forward(model, params, labels, 3.0, -1, prefix))
+  assert (got[:, :11] == prefix).all()
 
 
 def test_sampling_draws_from_the_filtered_softmax(tiny):
