@@ -11,6 +11,7 @@ import ml_collections
 
 from ardiff_jax import configlib
 from ardiff_jax.methods import vq_tokenizer
+from ardiff_jax.methods.ar_diffusion import ar_base_config
 from ardiff_jax.methods.dd2 import dd2_config
 from ardiff_jax.methods.dd2_adapt import dd2_adapt_config
 from ardiff_jax.methods.dd2_tune import dd2_tune_config
@@ -328,6 +329,18 @@ def dd2_cifar10_base(steps: int, batch: int, vq: str, path: str, tok: str
   return c
 
 
+def ar_diffusion_digits_base(steps: int, batch: int, kl: str, tiny: bool) -> ml_collections.ConfigDict:
+  """The digits causal AR + DiffLoss config (`configs/ar_diffusion_digits.py`: gpt_small, or
+  gpt_tiny when `tiny`, raster order, on the `kl` run's latents), which DD2's continuous-teacher
+  configs also start from, so the teacher's weights fit theirs."""
+  c = ar_base_config("gpt_small", batch)
+  use_digits_latents(c, c.ar, kl, tiny)
+  use_cpu_run(c, c.ar, steps, tiny)
+  if tiny:
+    c.ar.preset = "gpt_tiny"
+  return c
+
+
 def dd2_digits_base(steps: int, batch: int, vq: str, f: int, tiny: bool) -> ml_collections.ConfigDict:
   """The digits LlamaGen teacher's config (`configs/llamagen_digits.py`: gpt_small, or gpt_tiny
   when `tiny`, on the `vq` run's codes) that DD2's digits configs start from, so the teacher's
@@ -349,16 +362,22 @@ def use_dd2_adapt(c: ml_collections.ConfigDict, teacher: str, short_run: bool) -
   c.optim.warmup_steps = 100 if short_run else 0
 
 
-def use_dd2_tune(c: ml_collections.ConfigDict, adapted: str, gts: bool, short_run: bool) -> None:
+def use_dd2_tune(c: ml_collections.ConfigDict, adapted: str, gts: bool, short_run: bool,
+                 kind: str = "llamagen") -> None:
   """DD2 stage 1 (`methods/dd2_tune.py`) from the adapted teacher run at `adapted`: DD2's LlamaGen
   recipe (the full model at lr 1e-4, Adam 0.9/0.95, teacher CFG 2.0 and top-p 1.0, a MAR-style
   head 1024 wide and 6 deep, 10 Euler steps per token), with the teacher's weight decay (0.05 for
   LlamaGen's configs; DD2 writes Adam). `short_run` (CPU budgets): lr 3e-4 after
-  100 warmup steps and a head 256 wide and 3 deep, at the trunk's scale."""
+  100 warmup steps and a head 256 wide and 3 deep, at the trunk's scale. `kind="ar_diffusion"`:
+  the teacher at `adapted` is a causal AR + DiffLoss run of this config (no adaptation), sampled
+  and guided with its own CFG scale and temperature (`methods/dd2_teacher.py`)."""
   c.method = "dd2_tune"
   c.dd2 = dd2_tune_config()
+  c.dd2.teacher_kind = kind
   c.dd2.teacher_workdir = adapted
   c.dd2.gts = gts
+  if kind == "ar_diffusion":        # the teacher's own sampling settings
+    c.dd2.teacher_cfg, c.dd2.teacher_temperature = c.sample.cfg_scale, c.ar.temperature
   c.optim.lr, c.optim.warmup_steps = 1e-4, 0
   c.sample.cfg_scale = 1.0          # the teacher's guidance is in the targets
   if short_run:
@@ -367,18 +386,18 @@ def use_dd2_tune(c: ml_collections.ConfigDict, adapted: str, gts: bool, short_ru
 
 
 def use_dd2_distil(c: ml_collections.ConfigDict, adapted: str, tune: str, init_g: bool,
-                   init_psi: bool, short_run: bool) -> None:
+                   init_psi: bool, short_run: bool, kind: str = "llamagen") -> None:
   """DD2 stage 2 (`methods/dd2.py`): G and ψ from the stage-1 run at `tune` (`init_g` / `init_psi`
   False: a fresh draw, the Tab. 4 ablation), against the adapted teacher at `adapted`. DD2's
   LlamaGen settings: K = 5, peak rates 1e-4 (G) and 2e-4 (ψ) warmed up from 1e-6 over 40k ψ
   iterations (8k G iterations), Adam 0.9/0.95 without weight decay, α = 1, G's progressive EMA,
   sampled from the EMA. `short_run`: warmups of 100 G and 500 ψ iterations and stage 1's short
   head (`use_dd2_tune`)."""
-  use_dd2_tune(c, adapted, True, short_run)
+  use_dd2_tune(c, adapted, True, short_run, kind)
   c.optim.weight_decay = 0.0
   c.method = "dd2"
-  c.dd2 = ml_collections.ConfigDict({**dd2_config().to_dict(), "head_width": c.dd2.head_width,
-                                     "head_depth": c.dd2.head_depth})
+  keep = ("head_width", "head_depth", "teacher_kind", "teacher_cfg", "teacher_temperature")
+  c.dd2 = ml_collections.ConfigDict({**dd2_config().to_dict(), **{k: c.dd2[k] for k in keep}})
   c.dd2.teacher_workdir, c.dd2.tune_workdir = adapted, tune
   c.dd2.init_generator, c.dd2.init_guidance = init_g, init_psi
   c.optim.lr, c.dd2.guidance_lr = 1e-4, 2e-4

@@ -8,20 +8,13 @@ condref (off | probe | loss | runtime: condition refinement, methods/condref.py)
 order (raster | random).
 """
 from ardiff_jax import configlib
-from ardiff_jax.methods.ar_diffusion import ar_base_config
-from ardiff_jax.presets import (use_16_token_condref, use_digits_latents,
-                                           use_cpu_run)
+from ardiff_jax.presets import ar_diffusion_digits_base, use_16_token_condref
 
 
 def get_config(arg=None):
   a = configlib.parse_arg(arg, steps=1500, batch=64, kl="workdirs/demo/kl", tiny=False,
                           condref="off", order="raster")
-  c = ar_base_config("gpt_small", a.batch)
-  use_digits_latents(c, c.ar, a.kl, a.tiny)
-
-  use_cpu_run(c, c.ar, a.steps, a.tiny)
+  c = ar_diffusion_digits_base(a.steps, a.batch, a.kl, a.tiny)
   use_16_token_condref(c, a.condref)
   c.ar.order = a.order
-  if a.tiny:
-    c.ar.preset = "gpt_tiny"
   return c

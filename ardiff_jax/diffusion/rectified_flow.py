@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def interpolate(x0: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array:
@@ -115,6 +116,31 @@ def sid_loss(x_real: jax.Array, x_fake: jax.Array, x_gen: jax.Array, alpha: floa
   return jnp.sum(element / norm, axis=reduce_axes)
 
 
+# A Gaussian (VP) diffusion teacher on the rectified-flow path (DD2 for a DiffLoss teacher).
+
+
+def vp_time(t: jax.Array, alpha_bar: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """The VP step at which a diffusion with cumulative products `alpha_bar` [K] (decreasing, ᾱ_0
+  near 1) has the rectified-flow path's SNR at t, (1 − t)²/t², and the factor k with
+  k·x_t = √ᾱ x_0 + √(1 − ᾱ) ε (k = 1/√((1 − t)² + t²)).
+
+  t [...] in (0, 1) -> (s [...] float32, fractional by linear interpolation of log SNR between
+  integer steps, clamped to [0, K − 1]; k [...])."""
+  alpha_bar = np.asarray(alpha_bar, np.float64)
+  log_snr = np.log(alpha_bar) - np.log1p(-alpha_bar)                # decreasing in the step
+  t = t.astype(jnp.float32)
+  target = 2.0 * (jnp.log1p(-t) - jnp.log(t))
+  s = jnp.interp(target, jnp.asarray(log_snr[::-1], jnp.float32),
+                 jnp.arange(len(alpha_bar) - 1, -1, -1, dtype=jnp.float32))
+  return s, jax.lax.rsqrt(jnp.square(1.0 - t) + jnp.square(t))
+
+
+def denoised_from_eps(eps: jax.Array, x: jax.Array, t: jax.Array) -> jax.Array:
+  """x̂_0 = (x_t − t·ε̂)/(1 − t) on the path x_t = (1 − t)x_0 + tε; t [...] in [0, 1)."""
+  t = t[..., None]
+  return (x - t * eps) / (1.0 - t)
+
+
 # DD2 stage 2's losses (§1.3–1.4), as pure functions of the three networks' outputs.
 
 
@@ -124,17 +150,16 @@ def fake_score_loss(v_psi: jax.Array, x: jax.Array, eps: jax.Array) -> jax.Array
   return jnp.mean(jnp.square(v_psi - jax.lax.stop_gradient(eps - x)))
 
 
-def csd_loss(x_gen: jax.Array, xt: jax.Array, t: jax.Array, log_p: jax.Array, table: jax.Array,
-             v_fake: jax.Array, alpha: float = 1.0, chunk: int = 4096) -> jax.Array:
+def csd_loss(x_gen: jax.Array, xt: jax.Array, t: jax.Array, x_real: jax.Array,
+             v_fake: jax.Array, alpha: float = 1.0) -> jax.Array:
   """Conditional score distillation (DD2 Eq. 3–4) in SiD form, per token, summed over positions
   and averaged over the batch: x_gen [B, L, C] the generator's tokens (differentiated),
-  xt = (1 − t)·x_gen + t·ε [B, L, C] with its own t [B, L] per position, log_p [B, L, V] the
-  teacher's law given the generator's stop-gradient prefix, v_fake [B, L, C] ψ's velocity at xt
-  given the same prefix. x̂_real = Σ_j w_j c_j, the posterior mean of Eq. (1)'s mixture (=
-  (x_t + t²s)/(1 − t)); x̂_fake = xt − t·v_fake; the normaliser is per token (mean over C; SiD
-  normalises per image, DD2 does not say, ours). The teacher's law is stop-gradiented here, so
-  the generator is reached only through its tokens and their noised copies. t in (0, 1].
-  -> scalar."""
-  x_real = mixture_weights_chunked(xt, t, jax.lax.stop_gradient(log_p), table, chunk)
+  xt = (1 − t)·x_gen + t·ε [B, L, C] with its own t [B, L] per position, x_real [B, L, C] the
+  teacher's denoiser at xt given the generator's stop-gradient prefix (for a codebook teacher
+  Eq. (1)'s posterior mean Σ_j w_j c_j = (x_t + t²s)/(1 − t)), v_fake [B, L, C] ψ's velocity at
+  xt given the same prefix; x̂_fake = xt − t·v_fake. The normaliser is per token (mean over C;
+  SiD normalises per image, DD2 does not say, ours). The generator is reached through its tokens
+  and their noised copies only (the networks' weights and the teacher's law are constants for
+  the caller to stop-gradient). t in (0, 1]. -> scalar."""
   x_fake = denoised_from_velocity(v_fake, xt, t)
   return jnp.mean(jnp.sum(sid_loss(x_real, x_fake, x_gen, alpha), axis=-1))

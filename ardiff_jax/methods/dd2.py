@@ -1,7 +1,8 @@
 """DD2 stage 2, conditional score distillation (reference/dd2_paella.md §1.3–1.7): a one-step
-generator G and a guidance network ψ, both the stage-1 AR-diffusion model's shape (the adapted
-teacher's trunk over codebook vectors with a DiffLoss velocity head, `methods/dd2_tune.py`) and
-both initialised from a stage-1 run (`dd2.tune_workdir`); data-free.
+generator G and a guidance network ψ, both the stage-1 AR-diffusion model's shape (the teacher's
+trunk over tokens with a DiffLoss velocity head, `methods/dd2_tune.py`) and both initialised from
+a stage-1 run (`dd2.tune_workdir`); data-free. The teacher is an adapted LlamaGen run (DD2) or a
+causal AR + DiffLoss run over continuous tokens (beyond the paper; `methods/dd2_teacher.py`).
 
 One engine step is one G iteration and, before it, K = `dd2.guidance_updates` ψ iterations:
   ψ iteration (L_FCS, Eq. 5), for fresh random classes y and fresh noise:
@@ -13,10 +14,10 @@ One engine step is one G iteration and, before it, K = `dd2.guidance_updates` ψ
         `dd2.guidance_warmup` ψ iterations; the rest of `optim`)
   G iteration (CSD in SiD form, Eq. 3–4, α = `dd2.alpha`):
     x       = G(ε, y)                         differentiated
-    log p_i = the teacher's law at every position given sg(x)_<i, with its sampling settings
-              (`dd2.teacher_cfg`, top-k / top-p; `dd2_tune.teacher_log_probs`)
     x_t     = (1 − t)x + tε' with t per token, as for ψ
-    x̂_real  = Eq. (1)'s posterior mean of the teacher's codebook mixture at x_t
+    x̂_real  = the teacher's denoiser at x_t given sg(x)_<i, with its sampling settings: for a
+              LlamaGen teacher Eq. (1)'s posterior mean of its codebook mixture under its law
+              (`dd2.teacher_cfg`, top-k / top-p); for a DiffLoss teacher its CFG'd ε̂ as x̂_0
     x̂_fake  = x_t − t·head_ψ(x_t, t, sg(trunk_ψ(sg(x))))  (ψ's weights under stop-gradient)
     L_G     = Σ_i SiD(x̂_real, x̂_fake, x)_i, averaged over the batch   (`rf.csd_loss`)
   The engine's optimizer, EMA and checkpoints hold G; ψ and its optimizer state are the method's
@@ -31,10 +32,11 @@ Under `train.grad_accum_steps` > 1 ψ's iterations run on each micro-batch from 
 the last micro-batch's result is kept (ψ then sees batch / A per iteration).
 Initialisation ablation (DD2 Tab. 4): `dd2.init_generator` / `dd2.init_guidance` False start that
 network from a fresh initialisation instead of the stage-1 run.
-Sampling: one forward, x = ε − v(ε, t = 1 | trunk([y, ε_<i])), tokens snapped to their nearest
-codes for the VQ decoder. `dd2.teacher_steps` = n > 0: the teacher-refined multi-step mode (DD2's
-Alg. 4 as we read it for a raster teacher): G's first L − n codes are kept and the teacher,
-prefilled with them, draws the last n with its own sampling settings: 1 + n forwards.
+Sampling: one forward, x = ε − v(ε, t = 1 | trunk([y, ε_<i])), then the teacher's decoder (codes:
+each token snapped to its nearest entry). `dd2.teacher_steps` = n > 0 (LlamaGen teachers): the
+teacher-refined multi-step mode (DD2's Alg. 4 as we read it for a raster teacher): G's first
+L − n codes are kept and the teacher, prefilled with them, draws the last n with its own
+sampling settings: 1 + n forwards.
 """
 from __future__ import annotations
 
@@ -46,12 +48,10 @@ import optax
 from ardiff_jax import optim
 from ardiff_jax.diffusion import rectified_flow as rf
 from ardiff_jax.methods import Method
-from ardiff_jax.methods import dd2_adapt
+from ardiff_jax.methods import dd2_teacher
 from ardiff_jax.methods import dd2_tune
-from ardiff_jax.methods import vq_tokenizer
 from ardiff_jax.models import gpt as gpt_lib
 from ardiff_jax.sampling import dd2 as dd2_sampling
-from ardiff_jax.sampling.llamagen import sample_codes
 
 
 def dd2_config() -> ml_collections.ConfigDict:
@@ -82,12 +82,13 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   if int(d.guidance_updates) < 1 or int(d.noise_draws) < 1:
     raise ValueError(f"dd2.guidance_updates={d.guidance_updates} and dd2.noise_draws="
                      f"{d.noise_draws} must both be ≥ 1")
-  model = dd2_tune.build_model(config)
-  teacher = dd2_adapt.build_model(config)
-  _, seq_len, _ = vq_tokenizer.code_geometry(config)
-  c = model.token_dim
+  teacher = dd2_teacher.make_teacher(config)
+  if int(d.teacher_steps) > 0 and teacher.complete is None:
+    raise ValueError(f"dd2.teacher_steps={d.teacher_steps}: the teacher-refined mode needs a "
+                     f"llamagen teacher (dd2.teacher_kind={d.teacher_kind!r} has no such sampler)")
+  model = teacher.student
+  seq_len, c = teacher.seq_len, teacher.token_dim
   null = config.data.num_classes
-  load_frozen, init_frozen, table_of, decode = dd2_tune.frozen_teacher_and_vq(config)
   tx_psi = guidance_optimizer(config, config.train.num_steps)
 
   def init_params(rng):
@@ -103,10 +104,10 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
       raise ValueError("dd2.tune_workdir is empty: point it at the stage-1 run "
                        "(configs/dd2_tune_*.py) that G and ψ start from")
     tuned = restore_run_params(d.tune_workdir)
-    if "diffloss" not in tuned:
+    if "diffloss" not in tuned or "output" in tuned:
       raise ValueError(f"dd2.tune_workdir={d.tune_workdir!r} is not a stage-1 (dd2_tune) run: its "
                        f"parameters hold {sorted(tuned)}")
-    dd2_tune.check_warm_shapes(tuned, fresh, "dd2.tune_workdir", d.tune_workdir)
+    dd2_teacher.check_shapes(tuned, fresh, "dd2.tune_workdir", d.tune_workdir)
     generator = tuned if d.init_generator else fresh
     return generator, {"guidance": tuned if d.init_guidance else fresh}
 
@@ -156,16 +157,14 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     labels = jax.random.randint(r_label, (b,), 0, null)
     x = generate_tokens(params, labels, r_gen)                               # [B, L, C]
     prefix = jax.lax.stop_gradient(x)
-    log_p = dd2_tune.teacher_log_probs(teacher, frozen["teacher"], prefix, labels, null,
-                                       float(d.teacher_cfg), int(d.teacher_top_k),
-                                       float(d.teacher_top_p), float(d.teacher_temperature))
+    posterior = jax.lax.stop_gradient(teacher.posterior(frozen, prefix, labels))
     t, eps = time_and_noise(r_noise, x.shape)
     xt = rf.interpolate(x, eps, t)
     z = jax.lax.stop_gradient(model.apply({"params": psi_fixed}, prefix, labels))
     v_fake = dd2_sampling.head_velocity(model, psi_fixed, xt.reshape(-1, c), t.reshape(-1),
                                         z.reshape(b * seq_len, -1)).reshape(x.shape)
-    loss = rf.csd_loss(x, xt, t, log_p, table_of(frozen["vq"]), v_fake, float(d.alpha),
-                       int(d.score_chunk))
+    x_real = teacher.denoise(frozen, posterior, xt, t)
+    loss = rf.csd_loss(x, xt, t, x_real, v_fake, float(d.alpha))
     metrics = {"guidance_loss": fcs, "token_norm": jnp.mean(jnp.square(prefix))}
     return loss, metrics, {**extras, "guidance": psi, "guidance_opt": opt}
 
@@ -174,18 +173,12 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     [B, H, W, 3]."""
     r_gen, r_teacher = jax.random.split(rng)
     tokens = generate_tokens(params, batch["label"], r_gen)
-    n = int(d.teacher_steps)
-    if n > 0:
-      table = table_of(frozen["vq"])
-      codes = dd2_sampling.nearest_codes(tokens, table)
-      codes = sample_codes(teacher, frozen["teacher"], batch["label"], r_teacher,
-                           cfg_scale=float(d.teacher_cfg), temperature=float(d.teacher_temperature),
-                           top_k=int(d.teacher_top_k), top_p=float(d.teacher_top_p),
-                           token_table=table, prefix=codes[:, :seq_len - min(n, seq_len)])
-      tokens = table[codes]
-    return decode(frozen["vq"], tokens)
+    if int(d.teacher_steps) > 0:
+      tokens = teacher.complete(frozen, tokens, batch["label"], r_teacher, int(d.teacher_steps))
+    return teacher.decode(frozen, tokens)
 
   return Method(name="dd2", model=model, init_params=init_params, loss_fn=loss_fn,
                 batch_keys=("label",), generate=generate, generate_from="labels",
-                load_frozen=load_frozen, init_frozen=init_frozen, loss_reads_frozen=True,
-                warm_start=warm_start, extras_from_params=extras_from_params)
+                load_frozen=teacher.load_frozen, init_frozen=teacher.init_frozen,
+                loss_reads_frozen=True, warm_start=warm_start,
+                extras_from_params=extras_from_params)

@@ -119,13 +119,42 @@ def test_stage_two_losses_match_numpy():
   norm = np.maximum(np.mean(np.abs(x - x_real), -1, keepdims=True), 1e-5)
   want = np.mean(np.sum(np.sum((x_real - x_fake) * (x_fake - x) / norm, -1), -1))
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  got = rf.csd_loss(f32(x), f32(xt), f32(t), f32(log_p), f32(table), f32(v_fake))
-  np.testing.assert_allclose(float(got), want, rtol=1e-4)
+  real = lambda g: rf.mixture_weights_chunked(rf.interpolate(g, f32(eps), f32(t)), f32(t),
+                                              f32(log_p), f32(table))
+  loss = lambda g: rf.csd_loss(g, rf.interpolate(g, f32(eps), f32(t)), f32(t), real(g), f32(v_fake))
+  np.testing.assert_allclose(float(loss(f32(x))), want, rtol=1e-4)
   np.testing.assert_allclose(float(rf.fake_score_loss(f32(v_fake), f32(x), f32(eps))),
                              np.mean((v_fake - (eps - x)) ** 2), rtol=1e-5)
-  assert rf.interpolate(f32(x), f32(eps), f32(t)).shape == (b, l, c)
-  # The generator is reached through its tokens only: a finite gradient, and none through log p.
-  grads = jax.grad(lambda g, lp: rf.csd_loss(g, f32(xt), f32(t), lp, f32(table), f32(v_fake)),
-                   argnums=(0, 1))(f32(x), f32(log_p))
-  assert np.isfinite(np.asarray(grads[0])).all() and np.abs(np.asarray(grads[0])).max() > 0
-  assert np.abs(np.asarray(grads[1])).max() == 0
+  # The generator's gradient, through its tokens, their noised copies and the teacher's
+  # denoiser at them, against central differences of the float64 loss.
+  def np_loss(xx):
+    xxt = (1 - t[..., None]) * xx + t[..., None] * eps
+    ss = _np_score(xxt.reshape(-1, c), t.reshape(-1), log_p.reshape(-1, v), table).reshape(b, l, c)
+    xr = (xxt + t[..., None] ** 2 * ss) / (1 - t[..., None])
+    xf = xxt - t[..., None] * v_fake
+    return np.mean(np.sum(np.sum((xr - xf) * (xf - xx) / norm, -1), -1))   # norm: frozen at x
+  grad = np.asarray(jax.grad(loss)(f32(x)))
+  e = np.zeros_like(x)
+  e[1, 2, 3] = 1e-5
+  np.testing.assert_allclose(grad[1, 2, 3], (np_loss(x + e) - np_loss(x - e)) / 2e-5, rtol=2e-3)
+
+
+def test_vp_time_matches_the_paths_snr_and_scale():
+  """At the RF time whose SNR (1 − t)²/t² equals a schedule step's ᾱ/(1 − ᾱ), s is that step and
+  k·x_t is the VP diffusion's √ᾱ x_0 + √(1 − ᾱ) ε; between steps s interpolates log SNR; a
+  denoiser given the true ε returns x_0 exactly."""
+  from ardiff_jax.diffusion.gaussian import cosine_betas  # pylint: disable=g-import-not-at-top
+  ab = np.cumprod(1.0 - cosine_betas(1000))
+  steps = np.array([3, 250, 500, 871])
+  t = 1.0 / (1.0 + np.sqrt(ab[steps] / (1.0 - ab[steps])))            # (1 − t)/t = √SNR
+  s, k = rf.vp_time(jnp.asarray(t, jnp.float32), ab)
+  np.testing.assert_allclose(np.asarray(s), steps, atol=2e-2)
+  rng = np.random.default_rng(0)
+  x0, eps = rng.normal(size=(4, C)), rng.normal(size=(4, C))
+  xt = (1 - t)[:, None] * x0 + t[:, None] * eps
+  vp = np.sqrt(ab[steps])[:, None] * x0 + np.sqrt(1 - ab[steps])[:, None] * eps
+  np.testing.assert_allclose(np.asarray(k)[:, None] * xt, vp, rtol=1e-4, atol=1e-5)
+  mid = 1.0 / (1.0 + np.sqrt(np.sqrt(ab[500] * ab[501] / ((1 - ab[500]) * (1 - ab[501])))))
+  np.testing.assert_allclose(float(rf.vp_time(jnp.float32(mid), ab)[0]), 500.5, atol=2e-2)
+  np.testing.assert_allclose(np.asarray(rf.denoised_from_eps(jnp.asarray(eps), jnp.asarray(xt),
+                                                             jnp.asarray(t))), x0, rtol=1e-5, atol=1e-5)

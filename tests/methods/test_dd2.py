@@ -91,14 +91,14 @@ def test_adapted_teacher_warm_starts_trains_and_samples(adapted_run, tmp_path):
 
 def test_teacher_log_probs_apply_cfg_then_the_filters():
   """log p of the teacher at every position: CFG mix of the logits, top-k, softmax."""
-  from ardiff_jax.methods import dd2_tune  # pylint: disable=g-import-not-at-top
+  from ardiff_jax.methods import dd2_teacher  # pylint: disable=g-import-not-at-top
   model = gpt.make_gpt("gpt_tiny", token_dim=0, seq_len=16, num_classes=10, vocab_size=32,
                        input_dim=8, dropout=0.0)
   params = nn.meta.unbox(model.init(jax.random.key(0), method=gpt.GPT.init_all)["params"])
   params["output"] = {"kernel": jax.random.normal(jax.random.key(1), params["output"]["kernel"].shape)}
   x = jax.random.normal(jax.random.key(2), (2, 16, 8))
   labels = jnp.array([3, 4])
-  got = np.asarray(dd2_tune.teacher_log_probs(model, params, x, labels, 10, 2.0, 5, 1.0, 1.0))
+  got = np.asarray(dd2_teacher.teacher_log_probs(model, params, x, labels, 10, 2.0, 5, 1.0, 1.0))
   logits = lambda y: np.asarray(model.apply({"params": params}, model.apply({"params": params}, x, y),
                                             method=gpt.GPT.logits), np.float64)
   mixed = logits(jnp.full((2,), 10)) + 2.0 * (logits(labels) - logits(jnp.full((2,), 10)))
@@ -216,3 +216,69 @@ def test_one_step_generator_is_causal_in_its_noise():
   z = model.apply({"params": params}, eps, labels)
   v = dd2_sampling.head_velocity(model, params, eps[:, 3], jnp.ones((2,)), z[:, 3])
   np.testing.assert_allclose(x[:, 3], np.asarray(eps[:, 3] - v), rtol=1e-5, atol=1e-6)
+
+
+def _perturbed(params, key, scale=0.3):
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def test_diffloss_teacher_denoises_as_its_own_diffusion_at_the_equal_snr_step():
+  """A causal AR + DiffLoss teacher (dd2.teacher_kind=ar_diffusion) on the RF path: at the time
+  whose SNR is that of integer step j, its x̂_0 is the Gaussian diffusion's own predict_x0 at step
+  j for the input k·x_t; with CFG it mixes ε̂ as MAR does; its samples have the token shape."""
+  from ardiff_jax.diffusion.gaussian import create_diffusion  # pylint: disable=g-import-not-at-top
+  from ardiff_jax.methods import dd2_teacher  # pylint: disable=g-import-not-at-top
+  config = load_config("dd2_tune_ar_digits", "tiny=True")
+  config.tokenizer.latent_scale = 1.0     # no cache to read the scale from
+  config.ar.clip_denoised = 0.0
+  config.dd2.teacher_cfg = 1.0
+  teacher = dd2_teacher.make_teacher(config)
+  frozen = teacher.init_frozen(jax.random.key(0))
+  frozen["teacher"]["diffloss"] = _perturbed(frozen["teacher"]["diffloss"], jax.random.key(1))
+  b, l, c = 2, teacher.seq_len, teacher.token_dim
+  labels = jnp.array([3, 8])
+  prefix = jax.random.normal(jax.random.key(2), (b, l, c))
+  diffusion = create_diffusion(1000)
+  ab = np.cumprod(1.0 - diffusion.betas)
+  steps = np.array([[40, 300, 520] + [700] * (l - 3)] * b)
+  t = jnp.asarray(1.0 / (1.0 + np.sqrt(ab[steps] / (1.0 - ab[steps]))), jnp.float32)
+  xt = jax.random.normal(jax.random.key(3), (b, l, c))
+  got = teacher.denoise(frozen, teacher.posterior(frozen, prefix, labels), xt, t)
+  k = 1.0 / jnp.sqrt((1 - t) ** 2 + t ** 2)
+  z = teacher.model.apply({"params": frozen["teacher"]}, prefix, labels)
+  x_vp = (k[..., None] * xt).reshape(-1, c)
+  j = jnp.asarray(steps.reshape(-1), jnp.int32)
+  eps = teacher.model.apply({"params": frozen["teacher"]}, x_vp, j.astype(jnp.float32),
+                            z.reshape(b * l, -1), method=gpt.GPT.head)[:, :c]
+  want = diffusion.predict_x0(x_vp, j, eps).reshape(b, l, c)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-3, atol=2e-3)
+  assert float(jnp.abs(want).mean()) > 0.1
+  assert teacher.sample(frozen, labels, jax.random.key(4)).shape == (b, l, c)
+  # CFG 3 with a constant schedule: ε̂ = ε̂_u + 3(ε̂_c − ε̂_u).
+  config.dd2.teacher_cfg, config.ar.cfg_schedule = 3.0, "constant"
+  guided = dd2_teacher.make_teacher(config)
+  got = guided.denoise(frozen, guided.posterior(frozen, prefix, labels), xt, t)
+  z_u = teacher.model.apply({"params": frozen["teacher"]}, prefix, jnp.full_like(labels, 10))
+  eps_u = teacher.model.apply({"params": frozen["teacher"]}, x_vp, j.astype(jnp.float32),
+                              z_u.reshape(b * l, -1), method=gpt.GPT.head)[:, :c]
+  want = diffusion.predict_x0(x_vp, j, eps_u + 3.0 * (eps - eps_u)).reshape(b, l, c)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.slow   # the engine path is the LlamaGen teacher's; the denoiser has its own test
+def test_continuous_teacher_chain_tunes_distils_and_samples(tmp_path):
+  """kl -> cache -> ar_diffusion (teacher) -> dd2_tune_ar -> dd2_ar -> one-step samples."""
+  kl, teacher, tune, dd2 = (str(tmp_path / n) for n in ("kl", "teacher", "tune", "dd2"))
+  kl_config = load_config("kl_digits", "tiny")
+  main_lib.run(kl_config, kl, "train")
+  main_lib.run(kl_config, kl, "cache")
+  main_lib.run(load_config("ar_diffusion_digits", f"tiny=True,kl={kl}"), teacher, "train")
+  main_lib.run(load_config("dd2_tune_ar_digits", f"tiny=True,kl={kl},teacher={teacher}"), tune,
+               "train")
+  config = load_config("dd2_ar_digits", f"tiny=True,kl={kl},teacher={teacher},tune={tune}")
+  main_lib.run(config, dd2, "train")
+  assert main_lib.run(config, dd2, "sample")["num_images"] == config.sample.num_samples
+  s, g = checkpoint.restore_run_params(tune), checkpoint.restore_run_params(dd2)
+  assert "diffloss" in g and set(g) == set(s)
