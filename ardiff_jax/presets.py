@@ -365,7 +365,8 @@ def use_dd2_adapt(c: ml_collections.ConfigDict, teacher: str, short_run: bool) -
 def use_dd2_tune(c: ml_collections.ConfigDict, adapted: str, gts: bool, short_run: bool,
                  kind: str = "llamagen") -> None:
   """DD2 stage 1 (`methods/dd2_tune.py`) from the adapted teacher run at `adapted`: DD2's LlamaGen
-  recipe (the full model at lr 1e-4, Adam 0.9/0.95, teacher CFG 2.0 and top-p 1.0, a MAR-style
+  recipe (the full model at lr 1e-4, Adam 0.9/0.95, the teacher's own CFG (2.0 for LlamaGen-B/L
+  and the CPU teachers, 1.75 / 1.65 for the larger ones) and top-p 1.0, a MAR-style
   head 1024 wide and 6 deep, 10 Euler steps per token), with the teacher's weight decay (0.05 for
   LlamaGen's configs; DD2 writes Adam). `short_run` (CPU budgets): lr 3e-4 after
   100 warmup steps and a head 256 wide and 3 deep, at the trunk's scale. `kind="ar_diffusion"`:
@@ -376,8 +377,9 @@ def use_dd2_tune(c: ml_collections.ConfigDict, adapted: str, gts: bool, short_ru
   c.dd2.teacher_kind = kind
   c.dd2.teacher_workdir = adapted
   c.dd2.gts = gts
-  if kind == "ar_diffusion":        # the teacher's own sampling settings
-    c.dd2.teacher_cfg, c.dd2.teacher_temperature = c.sample.cfg_scale, c.ar.temperature
+  c.dd2.teacher_cfg = c.sample.cfg_scale      # the teacher's own guidance (its config's)
+  if kind == "ar_diffusion":
+    c.dd2.teacher_temperature = c.ar.temperature
   c.optim.lr, c.optim.warmup_steps = 1e-4, 0
   c.sample.cfg_scale = 1.0          # the teacher's guidance is in the targets
   if short_run:

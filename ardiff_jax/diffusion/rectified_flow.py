@@ -152,14 +152,14 @@ def fake_score_loss(v_psi: jax.Array, x: jax.Array, eps: jax.Array) -> jax.Array
 
 def csd_loss(x_gen: jax.Array, xt: jax.Array, t: jax.Array, x_real: jax.Array,
              v_fake: jax.Array, alpha: float = 1.0) -> jax.Array:
-  """Conditional score distillation (DD2 Eq. 3–4) in SiD form, per token, summed over positions
-  and averaged over the batch: x_gen [B, L, C] the generator's tokens (differentiated),
-  xt = (1 − t)·x_gen + t·ε [B, L, C] with its own t [B, L] per position, x_real [B, L, C] the
-  teacher's denoiser at xt given the generator's stop-gradient prefix (for a codebook teacher
-  Eq. (1)'s posterior mean Σ_j w_j c_j = (x_t + t²s)/(1 − t)), v_fake [B, L, C] ψ's velocity at
-  xt given the same prefix; x̂_fake = xt − t·v_fake. The normaliser is per token (mean over C;
-  SiD normalises per image, DD2 does not say, ours). The generator is reached through its tokens
-  and their noised copies only (the networks' weights and the teacher's law are constants for
-  the caller to stop-gradient). t in (0, 1]. -> scalar."""
-  x_fake = denoised_from_velocity(v_fake, xt, t)
-  return jnp.mean(jnp.sum(sid_loss(x_real, x_fake, x_gen, alpha), axis=-1))
+  """Conditional score distillation (DD2 Eq. 3–4) in SiD form, per token: x_gen [B, L, C] the
+  generator's tokens (differentiated), xt = (1 − t)·x_gen + t·ε [B, L, C] with its own t [B, L]
+  per position, x_real [B, L, C] the teacher's denoiser at xt given the generator's
+  stop-gradient prefix (for a codebook teacher Eq. (1)'s posterior mean Σ_j w_j c_j =
+  (x_t + t²s)/(1 − t)), v_fake [B, L, C] ψ's velocity at xt given the same prefix;
+  x̂_fake = xt − t·v_fake. The normaliser is per token (mean over C; SiD normalises per image,
+  DD2 does not say, ours). -> [B, L]; the loss is their sum over positions, averaged over the
+  batch. The generator is reached through its tokens and their noised copies only (the
+  networks' weights and the teacher's law are constants for the caller to stop-gradient);
+  t in (0, 1]."""
+  return sid_loss(x_real, denoised_from_velocity(v_fake, xt, t), x_gen, alpha)

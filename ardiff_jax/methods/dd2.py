@@ -28,8 +28,11 @@ noise draws per ψ sample (the trunk runs once per sequence, so extra draws cost
 head); each ψ iteration draws its own classes and noise; no dropout in stage 2 (G, ψ and the
 teacher see exactly G's tokens); G's EMA with DD2's progressive rate min(0.9999, (i + 1)/(i + 10))
 (`train.ema_progressive`), and learning rates warmed up from 1e-6 (`optim.warmup_start`).
-Under `train.grad_accum_steps` > 1 ψ's iterations run on each micro-batch from the step's ψ and
-the last micro-batch's result is kept (ψ then sees batch / A per iteration).
+`train.grad_accum_steps` > 1 is refused (each micro-batch would run ψ's K iterations from the
+same ψ and keep only the last). A non-finite ψ loss makes the step's loss non-finite (it is added
+times 0), so the engine's NaN policy drops the whole step, G's and ψ's updates alike.
+Gradient clipping: the config's `optim.grad_clip_norm` for both networks (LlamaGen's 1.0 in the
+shipped configs; DD2 states none).
 Initialisation ablation (DD2 Tab. 4): `dd2.init_generator` / `dd2.init_guidance` False start that
 network from a fresh initialisation instead of the stage-1 run.
 Sampling: one forward, x = ε − v(ε, t = 1 | trunk([y, ε_<i])), then the teacher's decoder (codes:
@@ -77,11 +80,35 @@ def guidance_optimizer(config: ml_collections.ConfigDict, num_steps: int
   return tx
 
 
+def csd_terms(teacher: dd2_teacher.Teacher, psi, frozen, x: jax.Array, labels: jax.Array,
+              t: jax.Array, eps: jax.Array, alpha: float = 1.0) -> jax.Array:
+  """G's CSD loss per token (SiD form, summed over channels): x [B, L, C] G's tokens
+  (differentiated), labels [B], t [B, L], eps [B, L, C] -> [B, L]. Everything conditioned on the
+  prefix (the teacher's law or features, ψ's trunk features) reads sg(x), and ψ's weights are
+  constants, so token i's term reaches G through x_i alone (its noised copy x_t,i and the two
+  denoisers at it)."""
+  model = teacher.student
+  b, l, c = x.shape
+  prefix = jax.lax.stop_gradient(x)
+  psi = jax.lax.stop_gradient(psi)
+  posterior = jax.lax.stop_gradient(teacher.posterior(frozen, prefix, labels))
+  xt = rf.interpolate(x, eps, t)
+  z = jax.lax.stop_gradient(model.apply({"params": psi}, prefix, labels))
+  v_fake = dd2_sampling.head_velocity(model, psi, xt.reshape(-1, c), t.reshape(-1),
+                                      z.reshape(b * l, -1)).reshape(x.shape)
+  x_real = teacher.denoise(frozen, posterior, xt, t)
+  return rf.csd_loss(x, xt, t, x_real, v_fake, alpha)
+
+
 def make_method(config: ml_collections.ConfigDict) -> Method:
   d = config.dd2
   if int(d.guidance_updates) < 1 or int(d.noise_draws) < 1:
     raise ValueError(f"dd2.guidance_updates={d.guidance_updates} and dd2.noise_draws="
                      f"{d.noise_draws} must both be ≥ 1")
+  if int(config.train.grad_accum_steps) > 1:
+    raise ValueError(f"train.grad_accum_steps={config.train.grad_accum_steps}: dd2 trains ψ inside "
+                     "the step, and each micro-batch would run ψ's K iterations from the same ψ "
+                     "and keep only the last; use 1 (a smaller batch, or more devices)")
   teacher = dd2_teacher.make_teacher(config)
   if int(d.teacher_steps) > 0 and teacher.complete is None:
     raise ValueError(f"dd2.teacher_steps={d.teacher_steps}: the teacher-refined mode needs a "
@@ -153,19 +180,12 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     generator = jax.lax.stop_gradient(params)
     psi, opt, fcs = guidance_iterations(generator, extras["guidance"], extras["guidance_opt"], b,
                                         r_psi)
-    psi_fixed = jax.lax.stop_gradient(psi)
     labels = jax.random.randint(r_label, (b,), 0, null)
     x = generate_tokens(params, labels, r_gen)                               # [B, L, C]
-    prefix = jax.lax.stop_gradient(x)
-    posterior = jax.lax.stop_gradient(teacher.posterior(frozen, prefix, labels))
     t, eps = time_and_noise(r_noise, x.shape)
-    xt = rf.interpolate(x, eps, t)
-    z = jax.lax.stop_gradient(model.apply({"params": psi_fixed}, prefix, labels))
-    v_fake = dd2_sampling.head_velocity(model, psi_fixed, xt.reshape(-1, c), t.reshape(-1),
-                                        z.reshape(b * seq_len, -1)).reshape(x.shape)
-    x_real = teacher.denoise(frozen, posterior, xt, t)
-    loss = rf.csd_loss(x, xt, t, x_real, v_fake, float(d.alpha))
-    metrics = {"guidance_loss": fcs, "token_norm": jnp.mean(jnp.square(prefix))}
+    terms = csd_terms(teacher, psi, frozen, x, labels, t, eps, float(d.alpha))
+    loss = jnp.mean(jnp.sum(terms, axis=-1)) + 0.0 * fcs                     # NaN ψ -> skip
+    metrics = {"guidance_loss": fcs, "token_norm": jnp.mean(jnp.square(x))}
     return loss, metrics, {**extras, "guidance": psi, "guidance_opt": opt}
 
   def generate(params, frozen, batch, rng):

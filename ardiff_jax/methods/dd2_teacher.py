@@ -12,7 +12,7 @@ E[x_0 | x_t, x_<i] on the rectified-flow path x_t = (1 − t)x_0 + tε at every 
                 head was trained on at the step of equal SNR (`rf.vp_time`: a fractional step,
                 the head's time embedding read between its integer steps; k·x_t its input),
                 ε̂ = ε̂_u + w(ε̂_c − ε̂_u) with the teacher's CFG (constant or MAR's linear ramp
-                over positions), x̂_0 = (x_t − tε̂)/(1 − t), clipped to ±`ar.clip_denoised`
+                over positions; temperature 1 only: a tempered DDPM sampler has no denoiser), x̂_0 = (x_t − tε̂)/(1 − t), clipped to ±`ar.clip_denoised`
                 when that is set (as the teacher's own sampler; x̂_0 from ε̂ blows up as t → 1).
 Both give the students the teacher's trunk with a fresh velocity head (`dd2.head_width`,
 `head_depth`): DD2's "swap the head, keep the backbone".
@@ -191,6 +191,10 @@ def llamagen_teacher(config: ml_collections.ConfigDict) -> Teacher:
 
 def ar_diffusion_teacher(config: ml_collections.ConfigDict) -> Teacher:
   d, a = config.dd2, config.ar
+  if float(d.teacher_temperature) != 1.0:
+    raise ValueError(f"dd2.teacher_temperature={d.teacher_temperature}: a DiffLoss teacher's "
+                     "tempered sampler (noise scaled at each DDPM step) has no denoiser to distil; "
+                     "use 1.0")
   if a.order != "raster":
     raise ValueError(f"ar.order={a.order!r}: DD2's students are causal in raster order; distil a "
                      "raster-order ar_diffusion run")

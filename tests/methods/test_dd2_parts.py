@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ardiff_jax.methods import dd2_adapt
 from ardiff_jax.models import gpt
@@ -140,3 +141,41 @@ def test_diffloss_teacher_denoises_as_its_own_diffusion_at_the_equal_snr_step():
                               z_u.reshape(b * l, -1), method=gpt.GPT.head)[:, :c]
   want = diffusion.predict_x0(x_vp, j, eps_u + 3.0 * (eps - eps_u)).reshape(b, l, c)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-3, atol=2e-3)
+
+
+def test_settings_the_method_cannot_honour_are_refused():
+  """Gradient accumulation (ψ trains inside the step) and a tempered DiffLoss teacher (no
+  denoiser) are refused with the field named."""
+  from ardiff_jax.methods import dd2  # pylint: disable=g-import-not-at-top
+  config = load_config("dd2_digits", "tiny=True")
+  config.train.grad_accum_steps = 2
+  with pytest.raises(ValueError, match="train.grad_accum_steps=2"):
+    dd2.make_method(config)
+  config = load_config("dd2_ar_digits", "tiny=True")
+  config.tokenizer.latent_scale = 1.0
+  config.dd2.teacher_temperature = 0.9
+  with pytest.raises(ValueError, match="dd2.teacher_temperature=0.9"):
+    dd2.make_method(config)
+
+
+def test_the_generator_reaches_each_tokens_term_through_that_token_only():
+  """CSD conditions both scores on G's stop-gradient prefix: the Jacobian of token i's term with
+  respect to token k vanishes for k ≠ i (and not for k = i), for the LlamaGen teacher's closed-
+  form denoiser and ψ's head alike."""
+  from ardiff_jax.methods import dd2, dd2_teacher  # pylint: disable=g-import-not-at-top
+  config = load_config("dd2_digits", "tiny=True")
+  config.dd2.teacher_cfg = 2.0
+  teacher = dd2_teacher.make_teacher(config)
+  frozen = teacher.init_frozen(jax.random.key(0))
+  frozen["teacher"]["output"] = {"kernel": jax.random.normal(
+      jax.random.key(1), frozen["teacher"]["output"]["kernel"].shape)}
+  psi = nn.meta.unbox(teacher.student.init(jax.random.key(2), method=gpt.GPT.init_all)["params"])
+  psi["diffloss"] = _perturbed(psi["diffloss"], jax.random.key(3))
+  l, c = teacher.seq_len, teacher.token_dim
+  x = jax.random.normal(jax.random.key(4), (1, l, c))
+  t = jax.random.uniform(jax.random.key(5), (1, l), minval=0.2, maxval=0.8)
+  eps = jax.random.normal(jax.random.key(6), (1, l, c))
+  terms = jax.jit(lambda xx: dd2.csd_terms(teacher, psi, frozen, xx, jnp.array([4]), t, eps)[0])
+  for i in (0, 5, l - 1):
+    grad = np.abs(np.asarray(jax.grad(lambda xx, i=i: terms(xx)[i])(x)))[0].sum(-1)   # [L]
+    assert grad[i] > 0 and np.delete(grad, i).max() == 0, (i, grad)
