@@ -116,6 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.0
   c.optim.grad_clip_norm = 0.0        # 0: no clipping
 
+  c.convert = ml_collections.ConfigDict()
+  c.convert.source = ""               # --mode convert: the released file (torch.save or .safetensors)
+  c.convert.key = ""                  # its entry holding the state dict ("": the converter's default)
+
   c.data = ml_collections.ConfigDict()
   c.data.source = "digits"            # digits | folder | tfds | cached | coco
   c.data.path = ""

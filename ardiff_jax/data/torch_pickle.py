@@ -142,14 +142,21 @@ def _load_legacy(fh: BinaryIO, path: str):
   return _materialize(obj, lambda key, dtype: storages[key])
 
 
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """{name: array} from a torch.save file of a state dict (or a dict holding one under 'state_dict')."""
+def load_state_dict(path: str, key: str = "") -> dict[str, np.ndarray]:
+  """{name: array} from a torch.save file of a state dict, or of a dict holding one under `key`
+  (e.g. MAR's checkpoints: "model", "model_ema"); without `key`, one under 'state_dict' is taken
+  when present."""
   if zipfile.is_zipfile(path):
     obj = _load_zip(path)
   else:
     with open(path, "rb") as fh:
       obj = _load_legacy(fh, path)
-  if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+  if key:
+    if not isinstance(obj, dict) or not isinstance(obj.get(key), dict):
+      held = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+      raise ValueError(f"{path!r} holds no state dict under {key!r}: it holds {held}")
+    obj = obj[key]
+  elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
     obj = obj["state_dict"]
   if not isinstance(obj, dict):
     raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict")

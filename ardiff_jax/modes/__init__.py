@@ -5,4 +5,4 @@ A mode restores a run or starts one (through the engine, `train/`), calls the en
 picks the module; notebooks and tests call `ardiff_jax.modes.<mode>.run` directly.
 """
 
-MODES = ("train", "sample", "eval", "cache", "bench", "aot", "probe")
+MODES = ("train", "sample", "eval", "cache", "bench", "aot", "probe", "convert")

@@ -7,7 +7,7 @@ Faithful to LDM's `ldm/modules/diffusionmodules/model.py` as copied into MAR's `
 GroupNorm(eps 1e-6) + swish pre-activation ResNet blocks, single-head 1x1-conv attention, asymmetric
 (0, 1) padding before each stride-2 conv, nearest x2 upsampling. Submodule names mirror LDM's
 state dict (`encoder.down.0.block.1.norm1.weight` -> `encoder/down_0/block_1/norm1/scale`), so
-`convert/` maps a PyTorch checkpoint mechanically (conv weights OIHW -> HWIO).
+`convert/kl.py` maps MAR's kl16.ckpt mechanically (conv weights OIHW -> HWIO; `--mode convert`).
 
 `num_res_blocks` keeps LDM's meaning on both sides: the encoder has `num_res_blocks` blocks per
 level, the decoder `num_res_blocks + 1`. MAR's "2 ResBlocks per level in the encoder and 3 in the

@@ -73,9 +73,11 @@ def _tensors(state_dict, rebuild):
   return obj, storages
 
 
-def save_zip(path: str, state_dict: dict[str, np.ndarray]) -> None:
+def save_zip(path: str, state_dict: dict[str, np.ndarray], key: str = "") -> None:
+  """A torch.save zip of `state_dict`, or of {key: state_dict} (as MAR's checkpoints hold theirs)."""
   with _fake_torch() as (torch, utils):
     obj, storages = _tensors(state_dict, utils._rebuild_tensor_v2)
+    obj = {key: obj} if key else obj
     buf = io.BytesIO()
     pickler = pickle.Pickler(buf, protocol=2)
     pickler.persistent_id = lambda o: (
