@@ -25,6 +25,25 @@ LAYOUTS = {
 }
 
 
+# The inverse layouts: our tree -> the released file's (for round trips and exports).
+INVERSE_LAYOUTS = {
+    "conv": lambda a: a.transpose(3, 2, 0, 1),
+    "dense": lambda a: a.T,
+    "same": lambda a: a,
+}
+
+
+def export_state_dict(params, name_of: Callable[[tuple[str, ...]], tuple[str, str]]
+                      ) -> dict[str, np.ndarray]:
+  """Our parameter tree in the released file's names and layouts (`name_of` as in
+  `convert_tree`): {name: float32 array}."""
+  out = {}
+  for path, value in traverse_util.flatten_dict(params).items():
+    name, layout = name_of(path)
+    out[name] = INVERSE_LAYOUTS[layout](np.asarray(value, np.float32))
+  return out
+
+
 def read_state_dict(path: str, key: str = "") -> dict[str, np.ndarray]:
   """{name: array} of a released file: a torch.save file (zip or legacy; `key` picks the entry
   holding the state dict, e.g. "model") or a .safetensors file."""

@@ -7,7 +7,8 @@ The method's converter (`ardiff_jax/convert/`, `convert.CONVERTERS`) maps every 
 it knows onto the run's parameter tree, all or nothing; parts the file does not hold (e.g. a
 tokenizer's discriminator) keep their fresh initialisation. The run is written as training would
 leave it at step 0: config.json and an orbax checkpoint whose `params` and `ema_params` are the
-converted weights (optimizer state fresh), so `--mode sample`, `eval`, `cache` and further
+converted weights (or the file's own EMA weights where it holds them apart; optimizer state
+fresh), so `--mode sample`, `eval`, `cache` and further
 training read it as any run. `convert.key` picks the file's entry that holds the state dict
 (default per converter, e.g. "model"). Nothing is downloaded; an existing run is never
 overwritten.
@@ -46,6 +47,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   del state
   params = {**params, **converted}
   state = init_state(config.seed, exp.method, exp.tx, exp.shardings, params)
+  ema_of = getattr(converter, "ema_params_from_file", None)
+  ema = ema_of(config.convert.source, config.convert.key, exp.abstract_state.params) if ema_of else None
+  if ema is not None:                 # the file's own EMA (else the EMA starts as the weights)
+    ema = {**jax.device_get(state.ema_params), **ema}
+    state = state.replace(ema_params=jax.device_put(ema, exp.shardings.ema_params))
   manager = checkpoint.make_manager(workdir, async_save=False)
   write_config(config, workdir)
   checkpoint.save(manager, 0, state, None, configlib.to_dict(config), force=True)

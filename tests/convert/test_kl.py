@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ardiff_jax import main as main_lib
+from ardiff_jax.convert import common
 from ardiff_jax.convert import kl as convert_kl
 from ardiff_jax.methods import latent_tokens as lt
 from ardiff_jax.train import checkpoint
@@ -79,14 +80,7 @@ def _ldm_shapes(ae) -> dict[str, tuple[int, ...]]:
   return out
 
 
-def _official_state_dict(ae_params):
-  """Our `ae` weights in LDM's layout (conv HWIO -> OIHW), named by the converter's map."""
-  flat = {}
-  for path, value in jax.tree_util.tree_flatten_with_path(ae_params)[0]:
-    name, layout = convert_kl.torch_name(tuple(k.key for k in path))
-    value = np.asarray(value, np.float32)
-    flat[name] = value.transpose(3, 2, 0, 1) if layout == "conv" else value
-  return flat
+_official = lambda params: common.export_state_dict(params, convert_kl.torch_name)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +90,7 @@ def official(tmp_path_factory):
   ae = lt.build_autoencoder(config)
   params = nn.meta.unbox(ae.init(jax.random.key(3), np.zeros((1, 16, 16, 3), np.float32),
                                  jax.random.key(4))["params"])
-  state_dict = _official_state_dict(params)
+  state_dict = _official(params)
   path = str(tmp_path_factory.mktemp("kl") / "kl16.ckpt")
   extra = {"loss.discriminator.main.0.weight": np.ones((4, 3, 4, 4), np.float32)}   # training-only
   torch_files.save_zip(path, {**state_dict, **extra}, key="model")

@@ -63,21 +63,27 @@ class _Tensor:
                            collections.OrderedDict()))
 
 
-def _tensors(state_dict, rebuild):
+def _tensors(state_dict, rebuild, first=0):
   storages, obj = [], collections.OrderedDict()
   for i, (name, value) in enumerate(state_dict.items()):
     value = np.ascontiguousarray(value)
-    storage = _Storage(str(i), value)
+    storage = _Storage(str(first + i), value)
     storages.append(storage)
     obj[name] = _Tensor(rebuild, storage, value.shape)
   return obj, storages
 
 
-def save_zip(path: str, state_dict: dict[str, np.ndarray], key: str = "") -> None:
-  """A torch.save zip of `state_dict`, or of {key: state_dict} (as MAR's checkpoints hold theirs)."""
+def save_zip(path: str, state_dict: dict[str, np.ndarray], key: str = "",
+             others: dict[str, dict[str, np.ndarray]] | None = None) -> None:
+  """A torch.save zip of `state_dict`, or of {key: state_dict, **others} (as MAR's checkpoints
+  hold "model" and "model_ema")."""
   with _fake_torch() as (torch, utils):
     obj, storages = _tensors(state_dict, utils._rebuild_tensor_v2)
-    obj = {key: obj} if key else obj
+    if key:
+      obj = {key: obj}
+      for name, entry in (others or {}).items():
+        obj[name], more = _tensors(entry, utils._rebuild_tensor_v2, len(storages))
+        storages += more
     buf = io.BytesIO()
     pickler = pickle.Pickler(buf, protocol=2)
     pickler.persistent_id = lambda o: (
