@@ -73,8 +73,13 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
       metrics.update(g_loss=g_loss, d_loss=d_loss)
     return loss, metrics, extras
 
+  cache_ae = build_autoencoder(tcfg, tcfg.get("cache_dtype", "float32"))
+
   def encode(params, images):
-    return ae.apply({"params": params["ae"]}, images, method=ae.encode)
+    """What `--mode cache` stores: posterior moments [B,h,w,2E] from the encoder run in
+    `tokenizer.cache_dtype` (float32 unless asked: the tokens a generator regresses keep every
+    bit), whatever the training compute dtype."""
+    return cache_ae.apply({"params": params["ae"]}, images, method=cache_ae.encode)
 
   def reconstruct(params, x):
     """[B,H,W,3] in [-1, 1] -> decode(posterior mode(encode(x))), clipped to [-1, 1]."""
@@ -106,6 +111,8 @@ def tokenizer_config(preset: str = "kl_tiny") -> ml_collections.ConfigDict:
   t.disc_ndf = 64
   t.disc_layers = 3
   t.latent_scale = 1.0                       # 0.2325 for KL-16 (MAR); consumers multiply tokens by it
+  t.cache_dtype = "float32"                  # the encoder's compute dtype in --mode cache (MAR's
+                                             # main_cache.py: float32; "bfloat16" loses ~5 bits)
   return t
 
 

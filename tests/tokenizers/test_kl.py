@@ -282,3 +282,22 @@ def test_kl16_attention_layout(kl16_abstract):
   blocks = {n.rsplit("/", 2)[0] for n in names if "/block_" in n and "/mid/" not in n}
   assert sum(n.startswith("encoder/down_0/") for n in blocks) == 2
   assert all(sum(n.startswith(f"decoder/up_{i}/") for n in blocks) == 3 for i in range(5))
+
+
+def test_cache_encodes_in_float32_under_a_bfloat16_run():
+  """`--mode cache` stores moments from the encoder in `tokenizer.cache_dtype` (float32 by default,
+  as MAR's main_cache.py), not the run's bf16 compute dtype: equal to a float32 encoder's bitwise,
+  unlike the bf16 encoder's."""
+  from ardiff_jax.methods import kl_tokenizer  # pylint: disable=g-import-not-at-top
+  from tests.helpers import load_config  # pylint: disable=g-import-not-at-top
+  config = load_config("kl_digits", "tiny")
+  config.train.compute_dtype = "bfloat16"
+  method = kl_tokenizer.make_method(config)
+  params = nn.meta.unbox(method.init_params(jax.random.key(0)))
+  images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+  got = np.asarray(method.encode(params, images))
+  encode_in = lambda dtype: np.asarray(
+      (ae := kl_tokenizer.build_autoencoder(config.tokenizer, dtype)).apply(
+          {"params": params["ae"]}, images, method=ae.encode), np.float32)
+  np.testing.assert_array_equal(got, encode_in("float32"))
+  assert np.abs(got - encode_in("bfloat16")).max() > 1e-4
