@@ -67,6 +67,9 @@ class Method:
       hidden state after transformer block `layer` (1-based; 0 = the method's default, half the
       depth) of the frozen model, teacher-forced with the null class token (what `--mode probe`
       trains linear heads on). None for methods without a discrete-token trunk.
+    generate_tokens: (params, frozen, batch, rng) -> the generator's tokens (codes or vectors)
+      before the tokenizer's decoder: what `--mode bench` times apart from decoding
+      (`sample_tokens_img_per_s`). None: only `generate` is timed.
     warm_start: (fresh params as host arrays, restore_run_params) -> the params a new run starts
       from (e.g. a teacher's weights with a new input layer fitted to its table), or a pair
       (params, extras) whose extras (host arrays) replace those keys of the initial method state
@@ -99,6 +102,7 @@ class Method:
   probe_features: Callable[..., jax.Array] | None = None
   extras_from_params: Callable[[PyTree], dict] | None = None
   warm_start: Callable[..., PyTree] | None = None
+  generate_tokens: Callable[..., jax.Array] | None = None
 
 
 def frozen_run_loader(workdir: str, part: str, field: str, kind: str):

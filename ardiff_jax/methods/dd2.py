@@ -138,7 +138,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     generator = tuned if d.init_generator else fresh
     return generator, {"guidance": tuned if d.init_guidance else fresh}
 
-  def generate_tokens(params, labels, rng):
+  def one_step(params, labels, rng):
     eps = jax.random.normal(rng, (labels.shape[0], seq_len, c))
     return dd2_sampling.one_step_generate(model, params, eps, labels)
 
@@ -164,7 +164,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
       psi, opt = carry
       r_label, r_gen, r_noise = jax.random.split(key, 3)
       labels = jax.random.randint(r_label, (b,), 0, null)
-      x = jax.lax.stop_gradient(generate_tokens(generator, labels, r_gen))
+      x = jax.lax.stop_gradient(one_step(generator, labels, r_gen))
       loss, grads = jax.value_and_grad(guidance_loss)(psi, x, labels, r_noise)
       updates, opt = tx_psi.update(grads, opt, psi)
       return (optax.apply_updates(psi, updates), opt), loss
@@ -181,24 +181,27 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     psi, opt, fcs = guidance_iterations(generator, extras["guidance"], extras["guidance_opt"], b,
                                         r_psi)
     labels = jax.random.randint(r_label, (b,), 0, null)
-    x = generate_tokens(params, labels, r_gen)                               # [B, L, C]
+    x = one_step(params, labels, r_gen)                               # [B, L, C]
     t, eps = time_and_noise(r_noise, x.shape)
     terms = csd_terms(teacher, psi, frozen, x, labels, t, eps, float(d.alpha))
     loss = jnp.mean(jnp.sum(terms, axis=-1)) + 0.0 * fcs                     # NaN ψ -> skip
     metrics = {"guidance_loss": fcs, "token_norm": jnp.mean(jnp.square(x))}
     return loss, metrics, {**extras, "guidance": psi, "guidance_opt": opt}
 
-  def generate(params, frozen, batch, rng):
-    """One-step (or teacher-refined) class-conditional samples: labels [B] -> uint8 images
-    [B, H, W, 3]."""
+  def sample_tokens(params, frozen, batch, rng):
+    """One-step (or teacher-refined) tokens: labels [B] -> [B, L, C]."""
     r_gen, r_teacher = jax.random.split(rng)
-    tokens = generate_tokens(params, batch["label"], r_gen)
+    tokens = one_step(params, batch["label"], r_gen)
     if int(d.teacher_steps) > 0:
       tokens = teacher.complete(frozen, tokens, batch["label"], r_teacher, int(d.teacher_steps))
-    return teacher.decode(frozen, tokens)
+    return tokens
+
+  def generate(params, frozen, batch, rng):
+    """Class-conditional samples: labels [B] -> uint8 images [B, H, W, 3]."""
+    return teacher.decode(frozen, sample_tokens(params, frozen, batch, rng))
 
   return Method(name="dd2", model=model, init_params=init_params, loss_fn=loss_fn,
                 batch_keys=("label",), generate=generate, generate_from="labels",
                 load_frozen=teacher.load_frozen, init_frozen=teacher.init_frozen,
                 loss_reads_frozen=True, warm_start=warm_start,
-                extras_from_params=extras_from_params)
+                extras_from_params=extras_from_params, generate_tokens=sample_tokens)

@@ -85,12 +85,17 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     loss = jnp.mean(jnp.square(v - target))
     return loss, {"target_norm": jnp.mean(jnp.square(target))}, extras
 
+  def generate_tokens(params, frozen, batch, rng):
+    """labels [B] -> tokens [B, L, C]: `dd2.euler_steps` Euler steps per token."""
+    del frozen
+    return dd2_sampling.sample_euler_ar(model, params, batch["label"], rng, int(d.euler_steps))
+
   def generate(params, frozen, batch, rng):
     """Class-conditional samples: labels [B] -> uint8 images [B, H, W, 3]."""
-    tokens = dd2_sampling.sample_euler_ar(model, params, batch["label"], rng, int(d.euler_steps))
-    return teacher.decode(frozen, tokens)
+    return teacher.decode(frozen, generate_tokens(params, frozen, batch, rng))
 
   return Method(name="dd2_tune", model=model, init_params=init_params, loss_fn=loss_fn,
                 batch_keys=("label",), generate=generate, generate_from="labels",
                 load_frozen=teacher.load_frozen, init_frozen=teacher.init_frozen,
-                loss_reads_frozen=True, warm_start=teacher.student_init)
+                loss_reads_frozen=True, warm_start=teacher.student_init,
+                generate_tokens=generate_tokens)

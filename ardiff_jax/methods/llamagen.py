@@ -100,11 +100,16 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     loss, accuracy = code_loss(model, params, codes, codes, labels, r_dropout)
     return loss, {"code_accuracy": accuracy}, extras
 
+  def generate_codes(params, frozen, batch, rng):
+    """labels [B] -> codes int32 [B, L] (LlamaGen's sampler, the config's settings)."""
+    del frozen
+    return sample_codes(model, params, batch["label"], rng, cfg_scale=float(config.sample.cfg_scale),
+                        cfg_interval=int(g.cfg_interval), temperature=float(g.temperature),
+                        top_k=int(g.top_k), top_p=float(g.top_p))
+
   def generate(params, frozen, batch, rng):
     """Class-conditional samples: labels [B] -> uint8 images [B, H, W, 3]."""
-    codes = sample_codes(model, params, batch["label"], rng, cfg_scale=float(config.sample.cfg_scale),
-                         cfg_interval=int(g.cfg_interval), temperature=float(g.temperature),
-                         top_k=int(g.top_k), top_p=float(g.top_p))
+    codes = generate_codes(params, frozen, batch, rng)
     images = vq.apply({"params": frozen}, codes.reshape(-1, side, side), method=vq.decode_codes)
     return rec_lib.to_uint8(jnp.clip(images, -1, 1))
 
@@ -131,4 +136,4 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
                 init_frozen=init_frozen,
                 check_batch=lambda batch: vq_tokenizer.check_code_batch(batch, side, vocab, config,
                                                            "llamagen.tokenizer_workdir"),
-                probe_features=probe_features)
+                probe_features=probe_features, generate_tokens=generate_codes)

@@ -237,7 +237,8 @@ def _sampler_settings(config) -> dict:
 
 def _bench_sampling(exp, params, local_batch, config) -> dict:
   """Throughput of `Method.generate` at `sample.batch_size` (generated images per second,
-  the tokenizer's decode included; its weights are freshly initialised: only speed is measured)."""
+  the tokenizer's decode included; its weights are freshly initialised: only speed is measured),
+  and of `Method.generate_tokens` (the generator without the decoder) where the method has one."""
   n = config.sample.batch_size
   if exp.method.generate_from == "labels":
     batch = {"label": (np.arange(n) % config.data.num_classes).astype(np.int32)}
@@ -251,11 +252,24 @@ def _bench_sampling(exp, params, local_batch, config) -> dict:
     with nn.logical_axis_rules(rules):
       return exp.method.generate(p, f, b, r)
 
-  rng = jax.random.key(0)
-  t0 = time.perf_counter()
-  compiled = jax.jit(gen).lower(params, frozen, batch, rng).compile()
-  compile_time = time.perf_counter() - t0
-  jax.block_until_ready(compiled(params, frozen, batch, rng))
-  t = _time(lambda: compiled(params, frozen, batch, rng), max(1, config.bench.steps // 2))
-  return {"sample_img_per_s": n / t, "sample_batch_size": n, "sample_compile_time_s": compile_time,
-          "sampler": _sampler_settings(config)}
+  def timed(fn):
+    """(compile time, seconds per call) of fn(params, frozen, batch, rng), jitted."""
+    rng = jax.random.key(0)
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(params, frozen, batch, rng).compile()
+    compile_time = time.perf_counter() - t0
+    jax.block_until_ready(compiled(params, frozen, batch, rng))
+    return compile_time, _time(lambda: compiled(params, frozen, batch, rng),
+                               max(1, config.bench.steps // 2))
+
+  compile_time, t = timed(gen)
+  out = {"sample_img_per_s": n / t, "sample_batch_size": n, "sample_compile_time_s": compile_time,
+         "sampler": _sampler_settings(config)}
+  if exp.method.generate_tokens is not None:      # the generator alone, without the decoder
+
+    def tokens(p, f, b, r):
+      with nn.logical_axis_rules(rules):
+        return exp.method.generate_tokens(p, f, b, r)
+
+    out["sample_tokens_img_per_s"] = n / timed(tokens)[1]
+  return out

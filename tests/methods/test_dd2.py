@@ -118,6 +118,9 @@ def test_stage_two_distils_from_stage_one_and_samples_in_one_step(adapted_run, t
   assert summary["num_images"] == config.sample.num_samples
   config.dd2.teacher_steps = 3          # the teacher-refined mode: G's first L − 3 codes kept
   assert main_lib.run(config, workdir, "sample")["num_images"] == config.sample.num_samples
+  config.bench.steps, config.bench.warmup_steps = 2, 1
+  bench = main_lib.run(config, str(tmp_path / "bench"), "bench")   # with and without the decoder
+  assert bench["sample_img_per_s"] > 0 and bench["sample_tokens_img_per_s"] > 0
   state = _restore_state(config, workdir)
   s = checkpoint.restore_run_params(tuned)
   gap = lambda u, v: max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), u, v)))
