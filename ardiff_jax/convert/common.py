@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterable
 
-import jax
 import numpy as np
 from flax import traverse_util
 
@@ -85,8 +84,3 @@ def convert_tree(state_dict: dict[str, np.ndarray], target, name_of: Callable[[t
     raise ValueError(f"the file is not {what} for this config ({len(problems)} problems): "
                      + "; ".join(problems[:12]))
   return traverse_util.unflatten_dict(out)
-
-
-def shapes_of(tree) -> dict:
-  """A nested dict of ShapeDtypeStructs (e.g. part of an abstract train state) as plain dicts."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)

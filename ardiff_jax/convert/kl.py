@@ -44,4 +44,4 @@ def convert(state_dict, target_ae) -> dict:
 def params_from_file(source: str, key: str, abstract_params) -> dict:
   """{"ae": converted} for the run's parameter tree (`key`: the file's entry, default "model")."""
   state_dict = common.read_state_dict(source, key or "model")
-  return {"ae": convert(state_dict, common.shapes_of(abstract_params["ae"]))}
+  return {"ae": convert(state_dict, abstract_params["ae"])}

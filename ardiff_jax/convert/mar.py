@@ -60,7 +60,7 @@ def convert(state_dict, target) -> dict:
 def params_from_file(source: str, key: str, abstract_params) -> dict:
   """The run's parameters from the file's `key` entry (default "model")."""
   own = condref.generator_params(abstract_params)       # condition refinement's E_φ starts fresh
-  return convert(common.read_state_dict(source, key or "model"), common.shapes_of(own))
+  return convert(common.read_state_dict(source, key or "model"), own)
 
 
 def ema_params_from_file(source: str, key: str, abstract_params) -> dict | None:
@@ -68,4 +68,4 @@ def ema_params_from_file(source: str, key: str, abstract_params) -> dict | None:
   if key:
     return None
   own = condref.generator_params(abstract_params)
-  return convert(common.read_state_dict(source, "model_ema"), common.shapes_of(own))
+  return convert(common.read_state_dict(source, "model_ema"), own)

@@ -72,7 +72,7 @@ def mixture_velocity(x: jax.Array, t: jax.Array, log_p: jax.Array, codebook: jax
   same as `velocity_from_score(mixture_score(...))`, without its cancellation near t = 1).
   Shapes as `mixture_weights_chunked` -> [..., C] float32."""
   mean = mixture_weights_chunked(x, t, log_p, codebook, chunk)
-  return (x.astype(jnp.float32) - mean) / t.astype(jnp.float32)[..., None]
+  return velocity_from_denoised(mean, x.astype(jnp.float32), t.astype(jnp.float32))
 
 
 def mixture_score(x: jax.Array, t: jax.Array, log_p: jax.Array, codebook: jax.Array,
@@ -94,6 +94,11 @@ def score_from_velocity(v: jax.Array, x: jax.Array, t: jax.Array) -> jax.Array:
   """s = −(x_t + (1 − t)·v)/t; t [...] in (0, 1]."""
   t = t[..., None]
   return -(x + (1.0 - t) * v) / t
+
+
+def velocity_from_denoised(x0: jax.Array, x: jax.Array, t: jax.Array) -> jax.Array:
+  """v = (x_t − x̂_0)/t, the inverse of `denoised_from_velocity`; t [...] in (0, 1]."""
+  return (x - x0) / t[..., None]
 
 
 def denoised_from_velocity(v: jax.Array, x: jax.Array, t: jax.Array) -> jax.Array:

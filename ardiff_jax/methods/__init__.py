@@ -105,6 +105,19 @@ class Method:
   generate_tokens: Callable[..., jax.Array] | None = None
 
 
+def restore_checked_run(restore_run_params, workdir: str, field: str, kind: str,
+                        has: tuple[str, ...] = (), lacks: tuple[str, ...] = ()):
+  """The parameters of the run at `workdir` (named by the config `field`), refused with a message
+  naming `kind` when the field is empty or the run's top-level parameters lack one of `has` or
+  hold one of `lacks` (another kind of run)."""
+  if not workdir:
+    raise ValueError(f"{field} is empty: point it at {kind}")
+  params = restore_run_params(workdir)
+  if any(k not in params for k in has) or any(k in params for k in lacks):
+    raise ValueError(f"{field}={workdir!r} is not {kind}: its parameters hold {sorted(params)}")
+  return params
+
+
 def frozen_run_loader(workdir: str, part: str, field: str, kind: str):
   """A `Method.load_frozen` that reads `params[part]` of the run at `workdir` (e.g. a tokenizer's
   autoencoder), with errors naming the config `field` and the `kind` of run expected."""

@@ -50,7 +50,7 @@ import optax
 
 from ardiff_jax import optim
 from ardiff_jax.diffusion import rectified_flow as rf
-from ardiff_jax.methods import Method
+from ardiff_jax.methods import Method, restore_checked_run
 from ardiff_jax.methods import dd2_teacher
 from ardiff_jax.methods import dd2_tune
 from ardiff_jax.models import gpt as gpt_lib
@@ -89,11 +89,11 @@ def csd_terms(teacher: dd2_teacher.Teacher, psi, frozen, x: jax.Array, labels: j
   denoisers at it)."""
   model = teacher.student
   b, l, c = x.shape
-  prefix = jax.lax.stop_gradient(x)
-  psi = jax.lax.stop_gradient(psi)
-  posterior = jax.lax.stop_gradient(teacher.posterior(frozen, prefix, labels))
+  prefix = jax.lax.stop_gradient(x)          # with ψ's weights and the frozen teacher constant,
+  psi = jax.lax.stop_gradient(psi)           # the posterior and ψ's features are constants too
+  posterior = teacher.posterior(frozen, prefix, labels)
   xt = rf.interpolate(x, eps, t)
-  z = jax.lax.stop_gradient(model.apply({"params": psi}, prefix, labels))
+  z = model.apply({"params": psi}, prefix, labels)
   v_fake = dd2_sampling.head_velocity(model, psi, xt.reshape(-1, c), t.reshape(-1),
                                       z.reshape(b * l, -1)).reshape(x.shape)
   x_real = teacher.denoise(frozen, posterior, xt, t)
@@ -127,13 +127,9 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
 
   def warm_start(fresh, restore_run_params):
     """(G, {"guidance": ψ}): each the stage-1 run's weights, or `fresh` for its ablation."""
-    if not d.tune_workdir:
-      raise ValueError("dd2.tune_workdir is empty: point it at the stage-1 run "
-                       "(configs/dd2_tune_*.py) that G and ψ start from")
-    tuned = restore_run_params(d.tune_workdir)
-    if "diffloss" not in tuned or "output" in tuned:
-      raise ValueError(f"dd2.tune_workdir={d.tune_workdir!r} is not a stage-1 (dd2_tune) run: its "
-                       f"parameters hold {sorted(tuned)}")
+    tuned = restore_checked_run(restore_run_params, d.tune_workdir, "dd2.tune_workdir",
+                                "a stage-1 (dd2_tune) run (configs/dd2_tune_*.py)",
+                                has=("diffloss",), lacks=("output",))
     dd2_teacher.check_shapes(tuned, fresh, "dd2.tune_workdir", d.tune_workdir)
     generator = tuned if d.init_generator else fresh
     return generator, {"guidance": tuned if d.init_guidance else fresh}

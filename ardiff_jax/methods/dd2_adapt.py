@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from ardiff_jax.methods import Method, frozen_run_loader
+from ardiff_jax.methods import Method, frozen_run_loader, restore_checked_run
 from ardiff_jax.methods import llamagen
 from ardiff_jax.methods import reconstruction as rec_lib
 from ardiff_jax.methods import vq_tokenizer
@@ -85,13 +85,9 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     return model.init(rng, method=gpt_lib.GPT.init_all)["params"]
 
   def warm_start(fresh, restore_run_params):
-    if not d.teacher_workdir:
-      raise ValueError("dd2.teacher_workdir is empty: point it at the LlamaGen run "
-                       "(configs/llamagen_*.py) to adapt")
-    teacher = restore_run_params(d.teacher_workdir)
-    if "tok_embeddings" not in teacher or "tok_mlp" in teacher:
-      raise ValueError(f"dd2.teacher_workdir={d.teacher_workdir!r} is not a LlamaGen run over codes: "
-                       f"its parameters hold {sorted(teacher)}")
+    teacher = restore_checked_run(restore_run_params, d.teacher_workdir, "dd2.teacher_workdir",
+                                  "a LlamaGen run over codes (configs/llamagen_*.py) to adapt",
+                                  has=("tok_embeddings",), lacks=("tok_mlp",))
     mismatch = sorted(k for k in set(fresh) ^ set(teacher) if k not in ("tok_mlp", "tok_embeddings"))
     shapes = lambda tree: jax.tree.map(np.shape, tree)
     if mismatch or any(shapes(teacher[k]) != shapes(fresh[k]) for k in fresh if k != "tok_mlp"):

@@ -12,8 +12,9 @@ E[x_0 | x_t, x_<i] on the rectified-flow path x_t = (1 − t)x_0 + tε at every 
                 head was trained on at the step of equal SNR (`rf.vp_time`: a fractional step,
                 the head's time embedding read between its integer steps; k·x_t its input),
                 ε̂ = ε̂_u + w(ε̂_c − ε̂_u) with the teacher's CFG (constant or MAR's linear ramp
-                over positions; temperature 1 only: a tempered DDPM sampler has no denoiser), x̂_0 = (x_t − tε̂)/(1 − t), clipped to ±`ar.clip_denoised`
-                when that is set (as the teacher's own sampler; x̂_0 from ε̂ blows up as t → 1).
+                over positions; temperature 1 only: a tempered DDPM sampler has no denoiser),
+                x̂_0 = (x_t − tε̂)/(1 − t), clipped to ±`ar.clip_denoised` when that is set (as
+                the teacher's own sampler; x̂_0 from ε̂ blows up as t → 1).
 Both give the students the teacher's trunk with a fresh velocity head (`dd2.head_width`,
 `head_depth`): DD2's "swap the head, keep the backbone".
 Frozen weights: {"tokenizer": the VQ's / KL autoencoder's, "teacher": the teacher's}.
@@ -32,7 +33,7 @@ import numpy as np
 
 from ardiff_jax.diffusion import rectified_flow as rf
 from ardiff_jax.diffusion.gaussian import create_diffusion
-from ardiff_jax.methods import ar_diffusion
+from ardiff_jax.methods import ar_diffusion, restore_checked_run
 from ardiff_jax.methods import condref
 from ardiff_jax.methods import dd2_adapt
 from ardiff_jax.methods import latent_tokens as lt
@@ -106,17 +107,6 @@ def check_shapes(params, fresh, field: str, workdir: str) -> None:
                      "this config with that run's arguments")
 
 
-def _restore_checked(workdir: str, restore_run_params, has: tuple[str, ...], lacks: tuple[str, ...],
-                     kind: str):
-  if not workdir:
-    raise ValueError(f"dd2.teacher_workdir is empty: point it at {kind}")
-  params = restore_run_params(workdir)
-  if any(k not in params for k in has) or any(k in params for k in lacks):
-    raise ValueError(f"dd2.teacher_workdir={workdir!r} is not {kind}: its parameters hold "
-                     f"{sorted(params)}")
-  return params
-
-
 def _student_init(teacher_params, fresh, replaced: str, workdir: str):
   params = {k: v for k, v in teacher_params.items() if k != replaced}
   for k in fresh:
@@ -139,8 +129,9 @@ def llamagen_teacher(config: ml_collections.ConfigDict) -> Teacher:
                   top_k=int(d.teacher_top_k), top_p=float(d.teacher_top_p))
 
   def load_params(restore_run_params):
-    return _restore_checked(d.teacher_workdir, restore_run_params, ("tok_mlp", "output"), (),
-                            "an adapted teacher run (configs/dd2_adapt_*.py)")
+    return restore_checked_run(restore_run_params, d.teacher_workdir, "dd2.teacher_workdir",
+                               "an adapted teacher run (configs/dd2_adapt_*.py)",
+                               has=("tok_mlp", "output"))
 
   def sample(frozen, labels, rng):
     table = table_of(frozen)
@@ -207,9 +198,9 @@ def ar_diffusion_teacher(config: ml_collections.ConfigDict) -> Teacher:
   w = float(d.teacher_cfg)
 
   def load_params(restore_run_params):
-    params = _restore_checked(d.teacher_workdir, restore_run_params, ("diffloss",),
-                              ("output", "tok_mlp"),
-                              "a causal AR + DiffLoss run (configs/ar_diffusion_*.py)")
+    params = restore_checked_run(restore_run_params, d.teacher_workdir, "dd2.teacher_workdir",
+                                 "a causal AR + DiffLoss run (configs/ar_diffusion_*.py)",
+                                 has=("diffloss",), lacks=("output", "tok_mlp"))
     return condref.generator_params(params)
 
   def sample(frozen, labels, rng):

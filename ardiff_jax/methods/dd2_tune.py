@@ -76,7 +76,7 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     xt = rf.interpolate(x0, eps, t)
     if d.gts:
       x_hat = teacher.denoise(frozen, teacher.posterior(frozen, x0, labels), xt, t)
-      target = jax.lax.stop_gradient((xt - x_hat) / t[..., None])
+      target = jax.lax.stop_gradient(rf.velocity_from_denoised(x_hat, xt, t))
     else:
       target = eps - x0
     z = model.apply({"params": params}, x0, labels, deterministic=False, rngs={"dropout": r_dropout})
