@@ -15,7 +15,6 @@ and length, and the CPU configs' learning rate (`configs/dd2_adapt_digits.py`).
 """
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,7 +24,6 @@ from absl import logging
 
 from ardiff_jax.methods import Method, frozen_run_loader, restore_checked_run
 from ardiff_jax.methods import llamagen
-from ardiff_jax.methods import reconstruction as rec_lib
 from ardiff_jax.methods import vq_tokenizer
 from ardiff_jax.models import gpt as gpt_lib
 from ardiff_jax.sampling.llamagen import sample_codes
@@ -75,11 +73,10 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   side, seq_len, vocab = vq_tokenizer.code_geometry(config)
   vq = vq_tokenizer.build_vq(config.tokenizer)
   null = config.data.num_classes
-  ids = jnp.arange(vocab)
 
   def vectors(vq_params):
     """The VQ's lookup table [V, C]: what the decoder reads for each code."""
-    return vq.apply({"params": vq_params}, ids, method=vq.embed_codes)
+    return vq_tokenizer.code_vectors(vq, vq_params)
 
   def init_params(rng):
     return model.init(rng, method=gpt_lib.GPT.init_all)["params"]
@@ -120,12 +117,11 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
     codes = sample_codes(model, params, batch["label"], rng, cfg_scale=float(config.sample.cfg_scale),
                          cfg_interval=int(g.cfg_interval), temperature=float(g.temperature),
                          top_k=int(g.top_k), top_p=float(g.top_p), token_table=vectors(frozen))
-    images = vq.apply({"params": frozen}, codes.reshape(-1, side, side), method=vq.decode_codes)
-    return rec_lib.to_uint8(jnp.clip(images, -1, 1))
+    return vq_tokenizer.codes_to_images(vq, frozen, codes, side)
 
   def init_frozen(rng):
     size = config.data.image_size
-    return nn.meta.unbox(vq.init(rng, jnp.zeros((1, size, size, 3)))["params"])
+    return vq_tokenizer.init_vq_params(vq, rng, size)
 
   return Method(name="dd2_adapt", model=model, init_params=init_params, loss_fn=loss_fn,
                 batch_keys=("codes", "label"), generate=generate, generate_from="labels",

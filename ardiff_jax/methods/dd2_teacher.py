@@ -37,7 +37,6 @@ from ardiff_jax.methods import ar_diffusion, restore_checked_run
 from ardiff_jax.methods import condref
 from ardiff_jax.methods import dd2_adapt
 from ardiff_jax.methods import latent_tokens as lt
-from ardiff_jax.methods import reconstruction as rec_lib
 from ardiff_jax.methods import vq_tokenizer
 from ardiff_jax.models import gpt as gpt_lib
 from ardiff_jax.sampling import dd2 as dd2_sampling
@@ -123,8 +122,7 @@ def llamagen_teacher(config: ml_collections.ConfigDict) -> Teacher:
   c = vq.embed_dim
   side, seq_len, vocab = vq_tokenizer.code_geometry(config)
   null = config.data.num_classes
-  ids = jnp.arange(vocab)
-  table_of = lambda frozen: vq.apply({"params": frozen["tokenizer"]}, ids, method=vq.embed_codes)
+  table_of = lambda frozen: vq_tokenizer.code_vectors(vq, frozen["tokenizer"])
   settings = dict(cfg_scale=float(d.teacher_cfg), temperature=float(d.teacher_temperature),
                   top_k=int(d.teacher_top_k), top_p=float(d.teacher_top_p))
 
@@ -156,14 +154,12 @@ def llamagen_teacher(config: ml_collections.ConfigDict) -> Teacher:
   def init_frozen(rng):
     r_vq, r_teacher = jax.random.split(rng)
     size = config.data.image_size
-    return {"tokenizer": nn.meta.unbox(vq.init(r_vq, jnp.zeros((1, size, size, 3)))["params"]),
+    return {"tokenizer": vq_tokenizer.init_vq_params(vq, r_vq, size),
             "teacher": nn.meta.unbox(model.init(r_teacher, method=gpt_lib.GPT.init_all)["params"])}
 
   def decode(frozen, tokens):
     codes = dd2_sampling.nearest_codes(tokens, table_of(frozen))
-    images = vq.apply({"params": frozen["tokenizer"]}, codes.reshape(-1, side, side),
-                      method=vq.decode_codes)
-    return rec_lib.to_uint8(jnp.clip(images, -1, 1))
+    return vq_tokenizer.codes_to_images(vq, frozen["tokenizer"], codes, side)
 
   def complete(frozen, tokens, labels, rng, n):
     table = table_of(frozen)

@@ -10,7 +10,6 @@ raw weights). Sampling: `sampling/llamagen.py` (KV cache, CFG in logit space, to
 """
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -18,7 +17,6 @@ import optax
 
 from ardiff_jax import configlib
 from ardiff_jax.methods import Method, frozen_run_loader
-from ardiff_jax.methods import reconstruction as rec_lib
 from ardiff_jax.methods import vq_tokenizer
 from ardiff_jax.models import gpt as gpt_lib
 from ardiff_jax.models import layers
@@ -110,12 +108,11 @@ def make_method(config: ml_collections.ConfigDict) -> Method:
   def generate(params, frozen, batch, rng):
     """Class-conditional samples: labels [B] -> uint8 images [B, H, W, 3]."""
     codes = generate_codes(params, frozen, batch, rng)
-    images = vq.apply({"params": frozen}, codes.reshape(-1, side, side), method=vq.decode_codes)
-    return rec_lib.to_uint8(jnp.clip(images, -1, 1))
+    return vq_tokenizer.codes_to_images(vq, frozen, codes, side)
 
   def init_frozen(rng):
     size = config.data.image_size
-    return nn.meta.unbox(vq.init(rng, jnp.zeros((1, size, size, 3)))["params"])
+    return vq_tokenizer.init_vq_params(vq, rng, size)
 
   def probe_features(params, codes, layer):
     """codes [B, L] -> [B, L, D]: block `layer`'s output (0: half the depth, ST-AR's layer 6 of

@@ -25,6 +25,7 @@ is what a generator's frozen tokenizer loads.
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -67,6 +68,22 @@ def code_geometry(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
                      f"tokenizer's stride {vq.stride}")
   side = config.data.image_size // vq.stride
   return side, side * side, vq.codebook_size
+
+
+def init_vq_params(vq, rng: jax.Array, image_size: int):
+  """Freshly initialised, unboxed VQ parameters (what a generator's `init_frozen` gives bench)."""
+  return nn.meta.unbox(vq.init(rng, jnp.zeros((1, image_size, image_size, 3)))["params"])
+
+
+def codes_to_images(vq, vq_params, codes: jax.Array, side: int) -> jax.Array:
+  """Codes int [B, side²] or [B, side, side] -> uint8 images [B, H, W, 3] (decoded, clipped)."""
+  images = vq.apply({"params": vq_params}, codes.reshape(-1, side, side), method=vq.decode_codes)
+  return rec_lib.to_uint8(jnp.clip(images, -1, 1))
+
+
+def code_vectors(vq, vq_params) -> jax.Array:
+  """The codebook vectors [V, C] the decoder reads for each code (LlamaGen's: l2-normalised)."""
+  return vq.apply({"params": vq_params}, jnp.arange(vq.codebook_size), method=vq.embed_codes)
 
 
 def check_code_batch(batch, side: int, vocab: int, config: ml_collections.ConfigDict,
